@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 
 @dataclass
@@ -55,6 +56,8 @@ class Args:
     """deterministic episodes per evaluation (the paper uses 32)"""
     progress_bar: bool = True
     """show a progress bar with steps, SPS and the latest win rate"""
+    torch_threads: int = 0
+    """CPU threads for torch; 0 keeps torch's default (all cores). Use 1 when several runs share a machine"""
 
     map: str = "2s3z"
     """SMAC map (SMAX: 2s3z, 3s5z, 6h_vs_8z, smacv2_10_units, ...; SMACv2: protoss_5_vs_5, ...)"""
@@ -77,8 +80,6 @@ class Args:
     """the learning rate of the actor optimizer"""
     critic_learning_rate: float = 5e-4
     """the learning rate of the critic optimizer"""
-    anneal_lr: bool = False
-    """toggle learning rate annealing for the actor and the critic"""
     gamma: float = 0.99
     """the discount factor gamma"""
     gae_lambda: float = 0.95
@@ -155,12 +156,8 @@ def importable(module: str) -> bool:
 def choose_backend(requested: str, map_name: str) -> str:
     if requested != "auto":
         return requested
-    if sc2_path():
-        if map_name in SMACV2_SCENARIOS and importable("smacv2.env"):
-            return "smacv2"
-        if map_name not in SMACV2_SCENARIOS and importable("smac.env"):
-            return "smac"
-    return "smax"
+    real_game = "smacv2" if map_name in SMACV2_SCENARIOS else "smac"
+    return real_game if sc2_path() and importable(f"{real_game}.env") else "smax"
 
 
 def import_smax():
@@ -255,22 +252,20 @@ def make_sc2_env(backend: str, map_name: str, seed: int):
     race, sizes = map_name.split("_", 1)
     n_units, n_enemies = (int(x) for x in sizes.split("_vs_"))
     unit_types, exceptions = SMACV2_RACES[race]
-    capability_config = {
-        "n_units": n_units, "n_enemies": n_enemies,
-        "team_gen": {"dist_type": "weighted_teams", "unit_types": unit_types, "weights": [0.45, 0.45, 0.1],
-                     "exception_unit_types": exceptions, "observe": True},
-        "start_positions": {"dist_type": "surrounded_and_reflect", "p": 0.5, "n_enemies": n_enemies,
-                            "map_x": 32, "map_y": 32},
-    }  # fmt: skip
+    team_gen = dict(dist_type="weighted_teams", unit_types=unit_types, weights=[0.45, 0.45, 0.1], exception_unit_types=exceptions, observe=True)
+    start = dict(dist_type="surrounded_and_reflect", p=0.5, n_enemies=n_enemies, map_x=32, map_y=32)
     return StarCraftCapabilityEnvWrapper(
-        capability_config=capability_config, map_name=f"10gen_{race}", seed=seed, obs_own_pos=True,
-        conic_fov=False, use_unit_ranges=True, min_attack_range=2, obs_starcraft=True,
+        capability_config=dict(n_units=n_units, n_enemies=n_enemies, team_gen=team_gen, start_positions=start),
+        map_name=f"10gen_{race}", seed=seed, obs_own_pos=True, conic_fov=False, use_unit_ranges=True, min_attack_range=2,
     )  # fmt: skip
 
 
+SC2_KEYS = ("obs", "state", "avail", "active", "reward", "terminated", "ep_return", "ep_length", "ep_won")
+
+
 def _sc2_worker(remote, env_fn):
-    """Runs one game in its own process: 'reset' -> (obs, state, avail); 'step' -> plus reward, done, info."""
-    env = env_fn()
+    """Runs one game in its own process; answers 'reset' and 'step' with the SC2_KEYS values."""
+    env, ep_return, ep_length = env_fn(), 0.0, 0
     while True:
         cmd, data = remote.recv()
         if cmd == "close":
@@ -279,10 +274,16 @@ def _sc2_worker(remote, env_fn):
         info, reward, done = {}, 0.0, False
         if cmd == "step":
             reward, done, info = env.step(data)
+            ep_return, ep_length = ep_return + reward, ep_length + 1
+        out = (ep_return, ep_length, bool(info.get("battle_won", False)))
         if cmd == "reset" or done:
             env.reset()
-        obs = np.stack(env.get_obs()).astype(np.float32)
-        remote.send((obs, np.asarray(env.get_state(), np.float32), np.stack(env.get_avail_actions()), reward, done, info))
+            ep_return, ep_length = 0.0, 0
+        obs, avail = np.stack(env.get_obs()).astype(np.float32), np.stack(env.get_avail_actions()).astype(bool)
+        st = np.asarray(env.get_state(), np.float32)
+        state = np.concatenate([np.broadcast_to(st, (len(obs), st.size)), obs], -1)  # agent-specific global state
+        active = ~(avail[:, 0] & (avail.sum(-1) == 1))  # a dead unit's only action is no-op
+        remote.send((obs, state, avail, active, np.float32(reward), done, *out))
 
 
 class SC2Envs:
@@ -296,7 +297,6 @@ class SC2Envs:
         info = env_fn(-1).get_env_info()  # a probe: no game is launched before reset
         self.n_agents, self.n_actions, self.idle_action = info["n_agents"], info["n_actions"], 0
         self.obs_dim, self.state_dim = info["obs_shape"], info["state_shape"] + info["obs_shape"]
-        self.ep_return, self.ep_length = np.zeros(num_envs, np.float32), np.zeros(num_envs, np.int64)
 
     def _start(self, i):
         parent, child = self.ctx.Pipe()
@@ -307,10 +307,10 @@ class SC2Envs:
 
     def _call(self, i, cmd, data=None):
         """Send one command to game i and wait; restart the game once when its process has died."""
-        for attempt in range(2):
+        for _ in range(2):
             try:
                 self.workers[i][0].send((cmd, data))
-                return self.workers[i][0].recv(), attempt > 0
+                return self.workers[i][0].recv()
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 print(f"StarCraft II game {i} crashed; restarting it", file=sys.stderr)
                 self.workers[i][1].kill()
@@ -318,16 +318,14 @@ class SC2Envs:
                 cmd, data = "reset", None
         raise RuntimeError(f"StarCraft II game {i} crashed twice in a row")
 
-    def _gather(self, results):
-        obs, state, avail = (np.stack(x) for x in zip(*[r[:3] for r in results]))
-        state = np.concatenate([np.broadcast_to(state[:, None], (*obs.shape[:2], state.shape[-1])), obs], -1)
-        active = ~((avail[..., 0] == 1) & (avail.sum(-1) == 1))  # dead units may only no-op
-        t = lambda x, dtype=None: torch.as_tensor(np.asarray(x, dtype), device=self.device)  # noqa: E731
-        return dict(obs=t(obs), state=t(state, np.float32), avail=t(avail, bool), active=t(active))
+    def _gather(self, results, crashed=None):
+        out = {k: torch.as_tensor(np.stack(v), device=self.device) for k, v in zip(SC2_KEYS, zip(*results))}
+        out["truncated"] = torch.zeros_like(out["terminated"])  # a battle's time limit is terminal, as in SMAC
+        out["done"] = out["terminated"] & ~torch.as_tensor(crashed if crashed is not None else False, device=self.device)
+        return out
 
     def reset(self, seed: int):
-        self.ep_return[:], self.ep_length[:] = 0, 0
-        return self._gather([self._call(i, "reset")[0] for i in range(self.num_envs)])
+        return self._gather([self._call(i, "reset") for i in range(self.num_envs)])
 
     def step(self, actions: torch.Tensor):
         acts = actions.cpu().numpy()
@@ -338,19 +336,9 @@ class SC2Envs:
             try:
                 results.append(self.workers[i][0].recv())
             except (EOFError, ConnectionResetError):
-                (res, _), crashed[i] = self._call(i, "reset"), True
-                results.append(res)
-        reward = np.array([r[3] for r in results], np.float32)
-        done = np.array([r[4] for r in results], bool)
-        self.ep_return += reward
-        self.ep_length += 1
-        out = self._gather(results)
-        out.update({k: torch.as_tensor(v, device=self.device) for k, v in dict(
-            reward=reward, terminated=done, truncated=np.zeros_like(done), done=done & ~crashed,
-            ep_return=self.ep_return.copy(), ep_length=self.ep_length.copy(),
-            ep_won=np.array([bool(r[5].get("battle_won", False)) for r in results])).items()})  # fmt: skip
-        self.ep_return[done | crashed], self.ep_length[done | crashed] = 0, 0
-        return out
+                results.append(self._call(i, "reset"))
+                crashed[i] = True
+        return self._gather(results, crashed)
 
     def get_state(self):
         return None  # a running game cannot be saved: a resumed run starts fresh episodes
@@ -393,8 +381,8 @@ class AgentLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(copies, n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(copies, 1, n_out))
-        for w in self.weight:  # orthogonal init of each copy, as in MAPPO
-            nn.init.orthogonal_(w.T, gain)
+        for i in range(copies):  # orthogonal init of each copy, as in MAPPO
+            nn.init.orthogonal_(self.weight.data[i].T, gain)
 
     def forward(self, x):  # x: [N, B, in] -> [N, B, out]
         return torch.baddbmm(self.bias, x, self.weight) if self.weight.shape[0] > 1 else x @ self.weight[0] + self.bias[0]
@@ -441,9 +429,9 @@ class AgentNet(nn.Module):
             x = torch.cat([x, torch.eye(N, device=x.device)[:, None].expand(N, T * B, N)], -1)
         x = torch.relu(self.fc2(torch.relu(self.fc1(x))))
         if self.gru is not None:
-            gx, outs = self.gru.x2h(x).view(N, T, B, -1), []
-            for t in range(T):
-                h = self.gru(gx[:, t], h * (1 - starts[t]).view(1, B, 1))
+            outs, keep = [], (1 - starts).view(T, 1, B, 1).unbind(0)
+            for t, gx in enumerate(self.gru.x2h(x).view(N, T, B, -1).unbind(1)):  # unbind: cheap backward
+                h = self.gru(gx, h * keep[t])
                 outs.append(h)
             x = torch.stack(outs, 1).view(N, T * B, -1)
         return self.head(x).view(N, T, B, -1).transpose(0, 1), h
@@ -481,12 +469,10 @@ class ValueNorm(nn.Module):
         return mean.float(), var.sqrt().float()
 
     def normalize(self, x):
-        mean, std = self.stats()
-        return (x - mean) / std
+        return (x - self.stats()[0]) / self.stats()[1]
 
     def denormalize(self, x):
-        mean, std = self.stats()
-        return x * std + mean
+        return x * self.stats()[1] + self.stats()[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -641,12 +627,6 @@ def package_versions():
     return {n: metadata.version(n) for n in names if importable(n.replace("-", "_"))}
 
 
-def save_checkpoint(path: str, payload: dict):
-    """Write atomically: a crash while saving leaves the previous checkpoint intact."""
-    torch.save(payload, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     ckpt = None
@@ -664,6 +644,8 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     envs = make_envs(backend, args.map, args.num_envs, args.seed, device)
@@ -677,7 +659,7 @@ if __name__ == "__main__":
     value_norm = ValueNorm().to(device)
     if ckpt and args.eval_only:
         actor.load_state_dict(ckpt["actor"])
-        ret, win = evaluate(actor, eval_envs or make_envs(backend, args.map, args.eval_episodes, args.seed, device), args.eval_episodes, device)
+        ret, win = evaluate(actor, make_envs(backend, args.map, args.eval_episodes, args.seed, device), args.eval_episodes, device)
         print(f"eval: win_rate {win:.3f}, episodic_return {ret:.3f} over {args.eval_episodes} episodes")
         sys.exit(0)
 
@@ -710,20 +692,11 @@ if __name__ == "__main__":
         if ckpt["env_state"] is not None:  # SMAX: continue the very same episodes
             envs.set_state(ckpt["env_state"])
             nxt, h, start = ({k: v.to(device) for k, v in ckpt["next"].items()}, ckpt["h"].to(device), ckpt["start"].to(device))
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
-    progress = None
-    if args.progress_bar:
-        from tqdm import tqdm
-
-        progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True)
+        torch.set_rng_state(ckpt["rng"]["torch"]), np.random.set_state(ckpt["rng"]["numpy"]), random.setstate(ckpt["rng"]["python"])
+    progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True) if args.progress_bar else None
     start_time, start_step = time.time(), global_step
 
     for iteration in range(first_iteration, num_iterations + 1):
-        if args.anneal_lr:
-            frac = 1.0 - (iteration - 1.0) / num_iterations
-            opts[0].param_groups[0]["lr"], opts[1].param_groups[0]["lr"] = frac * args.learning_rate, frac * args.critic_learning_rate
         t0, h0, ep_returns, ep_wins = time.time(), h.clone(), [], []
         with torch.no_grad():
             for t in range(T):
@@ -805,13 +778,14 @@ if __name__ == "__main__":
             progress.update(E * T)
             progress.set_postfix(SPS=sps, win_rate=f"{win_rate:.2f}", refresh=False)
         if args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == num_iterations):
-            save_checkpoint(ckpt_path, {
+            torch.save({
                 "args": asdict(args), "run_name": run_name, "iteration": iteration, "global_step": global_step,
                 "win_rate": win_rate, "actor": actor.state_dict(), "critic": critic.state_dict(),
                 "actor_opt": opts[0].state_dict(), "critic_opt": opts[1].state_dict(), "value_norm": value_norm.state_dict(),
                 "env_state": envs.get_state(), "next": {k: v.clone() for k, v in nxt.items()}, "h": h, "start": start,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-            })  # fmt: skip
+            }, ckpt_path + ".tmp")  # fmt: skip
+            os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash while saving keeps the last checkpoint
 
     if progress is not None:
         progress.close()
