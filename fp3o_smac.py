@@ -408,13 +408,13 @@ def layer_copies(sharing: str, n_agents: int):
 
 
 class AgentNet(nn.Module):
-    """Actor (GRU or MLP, categorical head) or critic (MLP, value head). Under full sharing a one-hot
-    agent id is appended to the input so that one network can still tell the agents apart."""
+    """Actor (GRU or MLP, categorical head) or critic (MLP, value head). When the trunk is shared (full
+    and partial sharing) a one-hot agent id is appended to the input, as SMAC's obs_agent_id does."""
 
     def __init__(self, n_agents, n_in, n_out, hidden, sharing, recurrent=False, out_gain=0.01):
         super().__init__()
         trunk, head = layer_copies(sharing, n_agents)
-        self.n_agents, self.agent_id, self.hidden = n_agents, sharing == "full", hidden
+        self.n_agents, self.agent_id, self.hidden = n_agents, trunk == 1, hidden
         n_in += n_agents if self.agent_id else 0
         self.fc1, self.fc2 = AgentLinear(trunk, n_in, hidden), AgentLinear(trunk, hidden, hidden)
         self.gru = AgentGRU(trunk, hidden, hidden) if recurrent else None
