@@ -590,8 +590,7 @@ def fp3o_step(actor, critic, opts, b, factors, args, double_clip=False):
                 nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
                 opt.step()
             with torch.no_grad():
-                log_r = logp - m["logp"]
-                kl = (((ratio - 1) - log_r) * act).sum() / n_act
+                kl = (((ratio - 1) - (logp - m["logp"])) * act).sum() / n_act
                 clipfrac = (((ratio - 1).abs() > args.clip_coef).float() * act).sum() / n_act
             stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), ent.detach(), kl, clipfrac]))
     return torch.stack(stats).mean(0)
@@ -628,7 +627,10 @@ def package_versions():
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    try:
+        args = tyro.cli(Args)
+    except SystemExit as e:  # tyro has printed what is wrong; --help exits with 0
+        fail("invalid command line (see above; --help lists the options)") if e.code else sys.exit(0)
     ckpt = None
     if args.resume:
         if not os.path.isfile(args.resume):
@@ -647,7 +649,6 @@ if __name__ == "__main__":
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
     envs = make_envs(backend, args.map, args.num_envs, args.seed, device)
     eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed + 10_000, device) if args.eval_interval else None
     N, E, T, A = envs.n_agents, args.num_envs, args.num_steps, envs.n_actions
@@ -721,7 +722,7 @@ if __name__ == "__main__":
             value_norm.update(returns[buf["active"].bool()])
             split = torch.full((N,), 1.0 / N, device=device)  # A^i = A / n (average split)
             if args.advantage_split == "random":  # A^i = w^i A with random weights summing to 1 (F.4)
-                split = torch.distributions.Dirichlet(torch.ones(N, E, device=device)).sample((T,))
+                split = torch.distributions.Dirichlet(torch.ones(E, N, device=device)).sample((T,)).transpose(1, 2)
             b = {**buf, "adv": standardize_per_agent(adv * split.view(-1, N, 1) if split.dim() == 1 else adv * split,
                                                      buf["active"]),
                  "returns_n": value_norm.normalize(returns), "h0": h0}  # fmt: skip

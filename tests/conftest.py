@@ -1,0 +1,163 @@
+"""Shared helpers for the tests of the single-file scripts (fp3o_smac.py, mappo_smac.py, happo_smac.py, ...).
+
+- `ROOT`: the repository root; it is put on sys.path so that tests can `import fp3o_smac` (the scripts have no
+  import-time side effects). The `repo_root` fixture returns it too.
+- `run_script(script, *args, cwd=...)`: runs a top-level script in a subprocess (with `sys.executable`) in `cwd`,
+  so that its `runs/` and `wandb/` folders land there; returns the CompletedProcess (text stdout/stderr).
+- `run_scripts(jobs)`: several such runs at once (a few in parallel), for module-scoped fixtures.
+- `run_dir(cwd)`, `read_scalars(run_dir)`: the run's TensorBoard folder and its scalars.
+
+Subprocesses get a persistent JAX compilation cache (SMAX's jitted step takes ~10-20 s to compile on a small CPU,
+a cache hit well under a second) and one torch thread (on a shared 2-core machine OpenMP spinning makes the tiny
+networks several times slower). Both can be overridden from the environment.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# JAX reads these when it is first imported (lazily, by the SMAX wrappers), so in-process tests use the cache too.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"jax-cache-pytest-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+SCRIPT_TIMEOUT = int(os.environ.get("TEST_SCRIPT_TIMEOUT", "600"))
+SCRIPT_JOBS = int(os.environ.get("TEST_SCRIPT_JOBS", "2"))  # concurrent subprocesses in run_scripts
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root (already importable: it is on sys.path)."""
+    return ROOT
+
+
+def script_env(extra: Optional[dict] = None) -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    env.setdefault("WANDB_MODE", "offline")  # never reach the network, even if a test forgets
+    env.setdefault("WANDB_SILENT", "true")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_script(
+    script: str, *args, cwd, env: Optional[dict] = None, timeout: int = SCRIPT_TIMEOUT
+) -> subprocess.CompletedProcess:
+    """Run `ROOT/script` (or an absolute path) with the current interpreter in `cwd`; never raises on a non-zero
+    exit code (a timeout gives exit code -9)."""
+    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=str(cwd), env=script_env(env), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        proc = subprocess.CompletedProcess(cmd, -9, out, err + f"\n[test harness] timed out after {timeout} s")
+    proc.duration = time.time() - t0  # seconds, for diagnosing slow suites
+    return proc
+
+
+def describe(proc: subprocess.CompletedProcess, tail: int = 3000) -> str:
+    """For assertion messages: the command, exit code and the ends of stdout/stderr."""
+    cmd = " ".join(map(str, proc.args))
+    return f"$ {cmd}\nexit code {proc.returncode}\n--- stdout\n{proc.stdout[-tail:]}\n--- stderr\n{proc.stderr[-tail:]}"
+
+
+@dataclass
+class Job:
+    """One script run for `run_scripts`. `after`: names of jobs that must finish first (e.g. a resume after a save);
+    `args` may be a callable returning the arguments, evaluated when the job starts (e.g. to find a checkpoint).
+    `script` is relative to the repository root, or an absolute path (e.g. a driver written by the test)."""
+
+    name: str
+    script: str
+    args: Union[Sequence, Callable[[], Sequence]]
+    cwd: Path
+    env: Optional[dict] = None
+    after: Sequence[str] = field(default_factory=tuple)
+
+
+def run_scripts(jobs: Sequence[Job], max_parallel: int = SCRIPT_JOBS) -> dict:
+    """Run several jobs, at most `max_parallel` processes at a time, respecting `after`. Returns {name: CompletedProcess}."""
+    names = [j.name for j in jobs]
+    assert len(set(names)) == len(names), "job names must be unique"
+    slots = threading.Semaphore(max(1, max_parallel))
+    futures = {}
+
+    def work(job: Job):
+        for dep in job.after:
+            futures[dep].result()
+        with slots:
+            Path(job.cwd).mkdir(parents=True, exist_ok=True)
+            try:
+                args = job.args() if callable(job.args) else job.args
+            except Exception as e:  # e.g. the checkpoint of a failed dependency is missing: fail this job only
+                proc = subprocess.CompletedProcess([job.script], -1, "", f"[test harness] {job.name} not started: {e!r}")
+                proc.duration = 0.0
+                return proc
+            return run_script(job.script, *args, cwd=job.cwd, env=job.env)
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:  # threads only wait; `slots` bounds the processes
+        for job in jobs:  # dependencies must be listed before their dependents
+            assert all(d in futures for d in job.after), f"{job.name}: list {job.after} before it"
+            futures[job.name] = pool.submit(work, job)
+        return {name: fut.result() for name, fut in futures.items()}
+
+
+def run_dirs(cwd) -> list:
+    """TensorBoard run folders (`runs/*/`) under `cwd`."""
+    return sorted(p for p in (Path(cwd) / "runs").glob("*") if p.is_dir())
+
+
+def run_dir(cwd) -> Path:
+    """The single run folder under `cwd/runs`."""
+    dirs = run_dirs(cwd)
+    assert len(dirs) == 1, f"expected one run folder under {cwd}/runs, found {dirs}"
+    return dirs[0]
+
+
+def read_scalars(path) -> dict:
+    """{tag: [(step, value), ...]} of every scalar in the TensorBoard event files of a run folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def importable(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except Exception:
+        return False
+
+
+def find_checkpoint(cwd, name: str = "checkpoint.pt") -> Path:
+    """The single `runs/*/checkpoint.pt` under `cwd`."""
+    found = sorted((Path(cwd) / "runs").glob(f"*/{name}"))
+    assert len(found) == 1, f"expected one {name} under {cwd}/runs, found {found}"
+    return found[0]
+
+
+def assert_same_state_dict(a: dict, b: dict, what: str = "state dict"):
+    """Bit-for-bit equality of two state dicts (same keys, shapes, dtypes and values)."""
+    assert a.keys() == b.keys(), f"{what}: different keys"
+    for k in a:
+        x, y = a[k], b[k]
+        assert x.shape == y.shape and x.dtype == y.dtype, f"{what}[{k}]: {x.shape}/{x.dtype} vs {y.shape}/{y.dtype}"
+        assert x.equal(y), f"{what}[{k}] differs (max abs diff {(x.double() - y.double()).abs().max().item():.3g})"

@@ -1,0 +1,309 @@
+"""happo_smac.py: HAPPO's objective and factor M, the sequential update with per-agent weights (other agents' weights
+and Adam moments untouched, Adam exact per agent), in process; and short end-to-end runs on SMAX."""
+import copy
+import re
+
+import pytest
+import torch
+from conftest import Job, assert_same_state_dict, describe, find_checkpoint, read_scalars, run_dir, run_scripts
+
+import happo_smac as H
+
+EPS = 0.2
+N, T, E, OBS, STATE, ACTS, HID = 3, 5, 6, 7, 9, 4, 8
+
+
+# ---------------------------------------------------------------------------------------------- objective and M
+def test_happo_objective_is_the_factor_times_ppo_clip():
+    gen = torch.Generator().manual_seed(0)
+    ratio = (0.5 + 1.1 * torch.rand(300, generator=gen, dtype=torch.float64)).requires_grad_()
+    adv = torch.randn(300, generator=gen, dtype=torch.float64)
+    factor = 0.3 + 2 * torch.rand(300, generator=gen, dtype=torch.float64)
+    obj = H.happo_objective(ratio, adv, factor, EPS)
+    clipped_ratio = torch.clamp(ratio, 1 - EPS, 1 + EPS)
+    assert torch.allclose(obj, factor * torch.min(ratio * adv, clipped_ratio * adv))
+    assert torch.allclose(obj, torch.min(ratio * adv * factor, clipped_ratio * adv * factor))  # listing B.2's form
+    obj.sum().backward()
+    clipped = ((ratio > 1 + EPS) & (adv > 0)) | ((ratio < 1 - EPS) & (adv < 0))
+    assert clipped.any() and (~clipped).any()
+    assert torch.allclose(ratio.grad, torch.where(clipped, torch.zeros_like(adv), factor * adv))
+
+
+def test_happo_objective_on_hand_values():
+    ratio, adv, factor = torch.tensor([0.5, 1.1, 1.5, 0.5, 1.5]), torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0]), torch.tensor(2.0)
+    assert torch.allclose(H.happo_objective(ratio, adv, factor, EPS), torch.tensor([1.0, 2.2, 2.4, -1.6, -3.0]))
+
+
+def test_factor_update_multiplies_by_exactly_the_agents_ratio_on_a_hand_made_batch():
+    gen = torch.Generator().manual_seed(1)
+    factor = 0.5 + torch.rand(T, E, generator=gen)
+    logp_old, logp_new = -torch.rand(T, E, generator=gen) * 2, -torch.rand(T, E, generator=gen) * 2
+    active = torch.ones(T, E)
+    active[1, 2] = active[4, 0] = 0.0  # dead agent: its ratio does not enter M
+    new = H.happo_factor_update(factor, logp_new.requires_grad_(), logp_old, active)
+    alive = active.bool()
+    assert torch.equal(new[alive], (factor * (logp_new - logp_old).exp())[alive])
+    assert torch.equal(new[~alive], factor[~alive])
+    assert not new.requires_grad  # detached, and never clipped:
+    big = H.happo_factor_update(torch.ones(1), torch.tensor([1.0]), torch.tensor([0.0]), torch.ones(1))
+    assert big.item() == pytest.approx(torch.e)
+
+
+# ---------------------------------------------------------------------------------------------- the update
+def hand_made_batch(sharing, seed=0):
+    """Tiny actor (GRU) and critic, their optimizers and a rollout batch like the script's `b`."""
+    torch.manual_seed(seed)
+    actor = H.AgentNet(N, OBS, ACTS, HID, sharing, recurrent=True)
+    critic = H.AgentNet(N, STATE, 1, HID, sharing, out_gain=1.0)
+    opts = [torch.optim.Adam(actor.parameters(), lr=5e-3, eps=1e-5), torch.optim.Adam(critic.parameters(), lr=5e-3, eps=1e-5)]
+    gen = torch.Generator().manual_seed(seed)
+    avail = torch.rand(T, N, E, ACTS, generator=gen) > 0.3
+    avail[..., 0] = True
+    actions = torch.multinomial(avail.float().view(-1, ACTS), 1, generator=gen).view(T, N, E)
+    starts = torch.zeros(T, E)
+    starts[0], starts[2, 1] = 1.0, 1.0
+    b = dict(obs=torch.randn(T, N, E, OBS, generator=gen), state=torch.randn(T, N, E, STATE, generator=gen),
+             avail=avail, actions=actions, starts=starts, h0=torch.zeros(N, E, HID),
+             values=torch.randn(T, N, E, generator=gen), active=(torch.rand(T, N, E, generator=gen) > 0.15).float(),
+             adv=torch.randn(T, N, E, generator=gen), returns_n=torch.randn(T, N, E, generator=gen))  # fmt: skip
+    b["logp"] = H.rollout_logp(actor, b) + 0.2 * torch.randn(T, N, E, generator=gen)
+    per_agent = (H.agent_params(actor, N), H.agent_params(critic, N))
+    return actor, critic, opts, b, per_agent
+
+
+ARGS = H.Args(update_epochs=2, num_minibatches=2)
+
+
+def record_turns(monkeypatch):
+    """Wrap happo_turn: record, per turn, the agent, the RNG state before it and the rollout log-probs after it."""
+    turns, original = [], H.happo_turn
+
+    def recording(actor, critic, opts, b, factor, agent, per_agent, args):
+        rng = torch.get_rng_state()
+        out = original(actor, critic, opts, b, factor, agent, per_agent, args)
+        turns.append(dict(agent=agent, rng=rng, logp=H.rollout_logp(actor, b)))
+        return out
+
+    monkeypatch.setattr(H, "happo_turn", recording)
+    return turns
+
+
+@pytest.mark.parametrize("sharing", ["full", "partial", "none"])
+def test_each_turn_multiplies_m_by_exactly_that_agents_new_ratio(sharing, monkeypatch):
+    actor, critic, opts, b, per_agent = hand_made_batch(sharing)
+    turns = record_turns(monkeypatch)
+    order = torch.tensor([2, 0, 1])
+    _, diag, factors = H.happo_update(actor, critic, opts, b, order, per_agent, ARGS)
+    assert [t["agent"] for t in turns] == order.tolist()
+    assert torch.equal(factors[2], torch.ones(T, E))  # M = 1 for the first agent
+    for prev, nxt in ((2, 0), (0, 1)):
+        logp_new = next(t["logp"] for t in turns if t["agent"] == prev)[:, prev]
+        alive = b["active"][:, prev].bool()
+        expected = factors[prev] * (logp_new - b["logp"][:, prev]).exp()
+        assert torch.equal(factors[nxt][alive], expected[alive])
+        assert torch.equal(factors[nxt][~alive], factors[prev][~alive])
+        assert not torch.equal(factors[nxt], factors[prev])
+    assert [diag[f"happo/position_agent{i}"] for i in range(N)] == [1, 2, 0]
+    assert diag["happo/factor_mean_agent2"] == diag["happo/factor_max_agent2"] == 1.0
+    alive = b["active"][:, 1].bool()
+    assert diag["happo/factor_max_agent1"] == pytest.approx(factors[1][alive].max().item())
+    assert diag["happo/factor_mean_agent1"] == pytest.approx(factors[1][alive].mean().item())
+
+
+def test_only_the_turns_agent_samples_enter_the_losses():
+    """Under full sharing everything moves the one network, but only agent 1's samples may drive its turn."""
+    actor, critic, opts, b, per_agent = hand_made_batch("full")
+    nets = copy.deepcopy((actor, critic))
+    other = {**b, "adv": b["adv"].clone(), "returns_n": b["returns_n"].clone(), "values": b["values"].clone()}
+    for key in ("adv", "returns_n", "values"):
+        other[key][:, [0, 2]] = torch.randn(T, 2, E) * 5
+    factor = 0.5 + torch.rand(T, E)
+    results = []
+    for (a, c), batch in ((nets, b), (copy.deepcopy(nets), other)):
+        o = [torch.optim.Adam(a.parameters(), lr=5e-3, eps=1e-5), torch.optim.Adam(c.parameters(), lr=5e-3, eps=1e-5)]
+        torch.manual_seed(7)
+        stats = H.happo_turn(a, c, o, batch, factor, 1, ([], []), ARGS)
+        results.append((a.state_dict(), c.state_dict(), stats))
+    assert_same_state_dict(results[0][0], results[1][0], "actor")
+    assert_same_state_dict(results[0][1], results[1][1], "critic")
+    assert torch.equal(results[0][2], results[1][2])
+
+
+def slices(opt, params, i):
+    """Agent i's slice of every per-agent parameter and of its Adam moments."""
+    return [t[i].clone() for p in params for t in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])]
+
+
+@pytest.mark.parametrize("sharing", ["none", "partial"])
+def test_a_turn_leaves_the_other_agents_weights_and_adam_moments_bit_for_bit(sharing):
+    actor, critic, opts, b, per_agent = hand_made_batch(sharing)
+    H.happo_update(actor, critic, opts, b, torch.arange(N), per_agent, ARGS)  # every agent has Adam moments now
+    moments = [opt.state[p]["exp_avg"][i] for opt, ps in zip(opts, per_agent, strict=True) for p in ps for i in range(N)]
+    assert all(m.abs().sum() > 0 for m in moments)
+    agent = 1
+    before = {(k, i): slices(opts[k], per_agent[k], i) for k in range(2) for i in range(N)}
+    shared = [p.detach().clone() for net in (actor, critic) for p in net.parameters() if p.shape[0] == 1]
+    assert bool(shared) == (sharing == "partial") and all(per_agent)
+    H.happo_turn(actor, critic, opts, b, torch.ones(T, E), agent, per_agent, ARGS)
+    for k in range(2):
+        for i in range(N):
+            after = slices(opts[k], per_agent[k], i)
+            same = [torch.equal(x, y) for x, y in zip(before[k, i], after, strict=True)]
+            if i == agent:
+                assert not any(same), f"{'actor critic'.split()[k]}: agent {agent}'s own slices did not all move"
+            else:
+                assert all(same), f"{'actor critic'.split()[k]}: agent {i}'s slices changed during agent {agent}'s turn"
+    shared_after = [p.detach() for net in (actor, critic) for p in net.parameters() if p.shape[0] == 1]
+    assert all(not torch.equal(x, y) for x, y in zip(shared, shared_after, strict=True)), "the shared trunk must move"
+
+
+def test_without_the_guard_adam_would_move_the_other_agents(monkeypatch):
+    """The test above is not vacuous: a plain opt.step() with zero gradients still moves the other agents."""
+    actor, critic, opts, b, per_agent = hand_made_batch("none")
+    H.happo_update(actor, critic, opts, b, torch.arange(N), per_agent, ARGS)
+    before = slices(opts[0], per_agent[0], 0)
+    monkeypatch.setattr(H, "step_one_agent", lambda opt, params, agent: opt.step())
+    H.happo_turn(actor, critic, opts, b, torch.ones(T, E), 1, per_agent, ARGS)
+    assert not any(torch.equal(x, y) for x, y in zip(before, slices(opts[0], per_agent[0], 0), strict=True))
+
+
+@pytest.mark.parametrize("sharing", ["none", "partial"])
+def test_adam_step_counts_count_each_agents_own_steps(sharing):
+    actor, critic, opts, b, per_agent = hand_made_batch(sharing)
+    steps = ARGS.update_epochs * ARGS.num_minibatches
+    for iteration in (1, 2):
+        H.happo_update(actor, critic, opts, b, torch.randperm(N), per_agent, ARGS)
+        for opt, net, params in zip(opts, (actor, critic), per_agent, strict=True):
+            for p in net.parameters():
+                own = any(p is q for q in params)
+                assert opt.state[p]["step"].item() == iteration * steps * (1 if own else N)
+
+
+def test_every_agents_slice_is_updated_exactly_as_by_an_adam_of_its_own(monkeypatch):
+    """Without sharing, agent i's turn (at any position) must equal training agent i alone from the same start with a
+    fresh Adam, the same M and the same minibatches: bias correction included, bit for bit."""
+    actor, critic, opts, b, per_agent = hand_made_batch("none")
+    start = copy.deepcopy((actor.state_dict(), critic.state_dict()))
+    original_turn = H.happo_turn
+    turns = record_turns(monkeypatch)
+    _, _, factors = H.happo_update(actor, critic, opts, b, torch.tensor([0, 2, 1]), per_agent, ARGS)
+    for turn in turns:
+        i = turn["agent"]
+        ref_actor, ref_critic = H.AgentNet(N, OBS, ACTS, HID, "none", recurrent=True), H.AgentNet(N, STATE, 1, HID, "none")
+        ref_actor.load_state_dict(start[0]), ref_critic.load_state_dict(start[1])
+        ref_opts = [torch.optim.Adam(net.parameters(), lr=5e-3, eps=1e-5) for net in (ref_actor, ref_critic)]
+        torch.set_rng_state(turn["rng"])  # the same minibatches
+        ref_per_agent = (H.agent_params(ref_actor, N), H.agent_params(ref_critic, N))
+        original_turn(ref_actor, ref_critic, ref_opts, b, factors[i], i, ref_per_agent, ARGS)
+        for net, ref in ((actor, ref_actor), (critic, ref_critic)):
+            for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+                assert torch.equal(p[i], q[i]), f"agent {i}'s {name} differs from what an Adam of its own gives"
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+TINY = ["--num-envs", 8, "--num-steps", 8, "--eval-episodes", 4, "--eval-interval", 1, "--no-progress-bar", "--torch-threads", 1]
+TIME_TAGS = {"charts/SPS", "charts/rollout_time", "charts/update_time"}
+SCRIPT = "happo_smac.py"
+N_AGENTS = 5  # SMAX 2s3z
+HAPPO_TAGS = [f"happo/{name}_agent{i}" for name in ("kl_after_turn", "kl", "factor_mean", "factor_max", "position")
+              for i in range(N_AGENTS)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Short runs (2 iterations of 64 steps): one per sharing mode (partial twice, with checkpoints), a 1-iteration
+    run with a checkpoint that a resume continues to 2 iterations, and the bad inputs."""
+    base = tmp_path_factory.mktemp("happo")
+    save = ["--save-model", "--checkpoint-interval", 1]
+    procs = run_scripts([
+        Job("half", SCRIPT, [*TINY, "--total-timesteps", 64, "--sharing", "partial", *save], base / "half"),
+        Job("resume", SCRIPT, lambda: ["--resume", find_checkpoint(base / "half"), "--total-timesteps", 128, "--no-progress-bar"],
+            base / "half", after=["half"]),
+        Job("partial", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "partial", *save], base / "partial"),
+        Job("partial_again", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "partial", *save], base / "partial_again"),
+        Job("none", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "none", "--actor", "mlp"], base / "none"),
+        Job("full", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "full", "--fixed-order"], base / "full"),
+        Job("bad_map", SCRIPT, [*TINY, "--map", "no_such_map"], base / "bad_map"),
+        Job("bad_sharing", SCRIPT, [*TINY, "--sharing", "some"], base / "bad_sharing"),
+        Job("bad_backend", SCRIPT, [*TINY, "--env-backend", "smac"], base / "bad_backend"),
+    ])  # fmt: skip
+    return base, procs
+
+
+@pytest.mark.parametrize("name,sharing", [("none", "none"), ("partial", "partial"), ("full", "full")])
+def test_short_run_writes_the_expected_tags(runs, name, sharing):
+    base, procs = runs
+    assert procs[name].returncode == 0, describe(procs[name])
+    path = run_dir(base / name)
+    assert re.fullmatch(rf"2s3z__happo_smac__{sharing}__1__\d+", path.name)
+    scalars = read_scalars(path)
+    expected = {"charts/SPS", "charts/learning_rate", "losses/policy_loss", "losses/value_loss", "losses/entropy",
+                "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "eval/win_rate",
+                "eval/episodic_return", *HAPPO_TAGS}  # fmt: skip
+    assert expected <= set(scalars), expected - set(scalars)
+    assert not any(tag.startswith(("fp3o/", "mappo/")) for tag in scalars)
+    for tag in ("losses/policy_loss", "eval/win_rate", *HAPPO_TAGS):
+        assert [step for step, _ in scalars[tag]] == [64, 128], tag
+    for k in range(2):
+        positions = [scalars[f"happo/position_agent{i}"][k][1] for i in range(N_AGENTS)]
+        assert sorted(positions) == list(range(N_AGENTS))
+        if name == "full":  # --fixed-order
+            assert positions == list(range(N_AGENTS))
+        first = positions.index(0)
+        assert scalars[f"happo/factor_mean_agent{first}"][k][1] == scalars[f"happo/factor_max_agent{first}"][k][1] == 1.0
+        assert all(scalars[f"happo/kl_after_turn_agent{i}"][k][1] > 0 for i in range(N_AGENTS))
+        if name == "none":  # a turn moves only its own agent: the KL after its turn is its final KL
+            for i in range(N_AGENTS):
+                assert scalars[f"happo/kl_after_turn_agent{i}"][k][1] == scalars[f"happo/kl_agent{i}"][k][1]
+
+
+def test_random_order_changes_between_iterations_and_runs(runs):
+    base, _ = runs
+    orders = []
+    for name in ("partial", "none"):
+        scalars = read_scalars(run_dir(base / name))
+        orders += [tuple(scalars[f"happo/position_agent{i}"][k][1] for i in range(N_AGENTS)) for k in range(2)]
+    assert len(set(orders)) > 1
+
+
+def checkpoint(cwd):
+    return torch.load(find_checkpoint(cwd), map_location="cpu", weights_only=False)
+
+
+def assert_same_training_state(a, b):
+    """Bit for bit: networks, Adam's moments and step counts, value normaliser, counters."""
+    for key in ("actor", "critic", "value_norm"):
+        assert_same_state_dict(a[key], b[key], key)
+    for key in ("actor_opt", "critic_opt"):
+        assert a[key]["state"].keys() == b[key]["state"].keys()
+        for idx, state in a[key]["state"].items():
+            assert_same_state_dict(state, b[key]["state"][idx], f"{key} state of parameter {idx}")
+    assert (a["global_step"], a["iteration"]) == (b["global_step"], b["iteration"]) == (128, 2)
+
+
+def test_same_seed_twice_is_identical(runs):
+    base, procs = runs
+    for name in ("partial", "partial_again"):
+        assert procs[name].returncode == 0, describe(procs[name])
+    assert_same_training_state(checkpoint(base / "partial"), checkpoint(base / "partial_again"))
+    a, b = read_scalars(run_dir(base / "partial")), read_scalars(run_dir(base / "partial_again"))
+    assert a.keys() == b.keys()
+    for tag in set(a) - TIME_TAGS:
+        assert a[tag] == b[tag], tag
+
+
+def test_resume_equals_an_uninterrupted_run(runs):
+    base, procs = runs
+    assert procs["resume"].returncode == 0, describe(procs["resume"])
+    assert_same_training_state(checkpoint(base / "half"), checkpoint(base / "partial"))
+    a, b = read_scalars(run_dir(base / "half")), read_scalars(run_dir(base / "partial"))
+    for tag in ("losses/policy_loss", "losses/value_loss", "happo/kl_agent3", "happo/position_agent0", "eval/episodic_return"):
+        assert a[tag] == b[tag], tag
+
+
+@pytest.mark.parametrize("name", ["bad_map", "bad_sharing", "bad_backend"])
+def test_bad_input_is_one_clear_error(runs, name):
+    proc = runs[1][name]
+    assert proc.returncode != 0, describe(proc)
+    assert "error" in proc.stderr.lower(), describe(proc)
+    assert "Traceback" not in proc.stderr + proc.stdout, describe(proc)

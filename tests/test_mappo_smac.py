@@ -1,0 +1,187 @@
+"""mappo_smac.py: the PPO-clip objective and update (in process), and short end-to-end runs on SMAX."""
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import Job, assert_same_state_dict, describe, find_checkpoint, read_scalars, run_dir, run_scripts
+
+import mappo_smac as M
+
+EPS = 0.2
+N, T, E, OBS, STATE, ACTS, HID = 3, 5, 6, 7, 9, 4, 8
+
+
+# ---------------------------------------------------------------------------------------------- objective
+def test_ppo_clip_objective_on_hand_values():
+    ratio = torch.tensor([0.5, 0.9, 1.0, 1.1, 1.5, 0.5, 0.9, 1.0, 1.1, 1.5])
+    adv = torch.tensor([1.0] * 5 + [-1.0] * 5)
+    # A > 0: min(r, clip(r)) = min(r, 1.2) for r > 1; A < 0: -max(r, clip(r)) = -max(r, 0.8) for r < 1
+    expected = torch.tensor([0.5, 0.9, 1.0, 1.1, 1.2, -0.8, -0.9, -1.0, -1.1, -1.5])
+    assert torch.allclose(M.ppo_clip_objective(ratio, adv, EPS), expected)
+
+
+def test_ppo_clip_objective_gradient_is_zero_exactly_where_clipped():
+    gen = torch.Generator().manual_seed(0)
+    ratio = (0.5 + 1.1 * torch.rand(200, generator=gen, dtype=torch.float64)).requires_grad_()
+    adv = torch.randn(200, generator=gen, dtype=torch.float64)
+    M.ppo_clip_objective(ratio, adv, EPS).sum().backward()
+    clipped = ((ratio > 1 + EPS) & (adv > 0)) | ((ratio < 1 - EPS) & (adv < 0))
+    assert clipped.any() and (~clipped).any()
+    assert torch.equal(ratio.grad, torch.where(clipped, torch.zeros_like(adv), adv))
+
+
+# ---------------------------------------------------------------------------------------------- the update
+def hand_made_batch(sharing, seed=0):
+    """Tiny actor (GRU) and critic, their optimizers and a rollout batch like the script's `b`."""
+    torch.manual_seed(seed)
+    actor = M.AgentNet(N, OBS, ACTS, HID, sharing, recurrent=True)
+    critic = M.AgentNet(N, STATE, 1, HID, sharing, out_gain=1.0)
+    opts = [torch.optim.Adam(actor.parameters(), lr=5e-3, eps=1e-5), torch.optim.Adam(critic.parameters(), lr=5e-3, eps=1e-5)]
+    gen = torch.Generator().manual_seed(seed)
+    avail = torch.rand(T, N, E, ACTS, generator=gen) > 0.3
+    avail[..., 0] = True
+    actions = torch.multinomial(avail.float().view(-1, ACTS), 1, generator=gen).view(T, N, E)
+    starts = torch.zeros(T, E)
+    starts[0], starts[2, 1] = 1.0, 1.0
+    b = dict(obs=torch.randn(T, N, E, OBS, generator=gen), state=torch.randn(T, N, E, STATE, generator=gen),
+             avail=avail, actions=actions, starts=starts, h0=torch.zeros(N, E, HID),
+             values=torch.randn(T, N, E, generator=gen), active=(torch.rand(T, N, E, generator=gen) > 0.15).float(),
+             adv=torch.randn(T, N, E, generator=gen), returns_n=torch.randn(T, N, E, generator=gen))  # fmt: skip
+    # a rollout policy a little away from the current one, so that ratios differ from 1 and some are clipped
+    b["logp"] = M.rollout_logp(actor, b) + 0.3 * torch.randn(T, N, E, generator=gen)
+    return actor, critic, opts, b
+
+
+@pytest.mark.parametrize("sharing", ["full", "partial", "none"])
+def test_mappo_step_is_one_ppo_clip_step_for_all_agents_at_once(sharing):
+    """One epoch, one minibatch: the actor's step equals an Adam step on the PPO-clip loss (with entropy) of
+    all agents' active samples, the critic's one on the clipped Huber value loss; the logged loss is PPO-clip's."""
+    actor, critic, opts, b = hand_made_batch(sharing)
+    ref_actor, ref_critic = copy.deepcopy(actor), copy.deepcopy(critic)
+    args = M.Args(update_epochs=1, num_minibatches=1)
+    stats = M.mappo_step(actor, critic, opts, b, args)
+
+    logits, _ = ref_actor(b["obs"], b["h0"], b["starts"])
+    dist = torch.distributions.Categorical(logits=logits.masked_fill(~b["avail"], -1e10))
+    ratio = (dist.log_prob(b["actions"]) - b["logp"]).exp()
+    surrogate = torch.min(ratio * b["adv"], torch.clamp(ratio, 1 - EPS, 1 + EPS) * b["adv"])
+    act = b["active"]
+    pg_loss = -(surrogate * act).sum() / act.sum()
+    assert ((ratio - 1).abs() > EPS).any() and ((ratio - 1).abs() < EPS).any()
+    torch.testing.assert_close(stats[0], pg_loss.detach())
+    values = ref_critic(b["state"])[0].squeeze(-1)
+    v_loss = M.value_loss_fn(values, b["values"], b["returns_n"], act, EPS, args.huber_delta)
+    torch.testing.assert_close(stats[1], v_loss.detach())
+    for net, loss in ((ref_actor, pg_loss - args.ent_coef * (dist.entropy() * act).sum() / act.sum()), (ref_critic, v_loss)):
+        opt = torch.optim.Adam(net.parameters(), lr=5e-3, eps=1e-5)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+        opt.step()
+    for net, ref in ((actor, ref_actor), (critic, ref_critic)):
+        for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_mappo_step_moves_every_agent():
+    actor, critic, opts, b = hand_made_batch("none")
+    before = copy.deepcopy(actor.state_dict())
+    M.mappo_step(actor, critic, opts, b, M.Args(update_epochs=2, num_minibatches=2))
+    for name, p in actor.state_dict().items():
+        for i in range(N):
+            assert not torch.equal(p[i], before[name][i]), f"{name}: agent {i} did not move"
+
+
+def test_fp3o_only_flags_are_gone():
+    fields = set(M.Args.__dataclass_fields__)
+    for flag in ("double_clip", "inner_clip_coef", "no_dependent_step", "no_condition", "condition_slack", "advantage_split"):
+        assert flag not in fields
+    assert M.Args().exp_name == "mappo_smac"
+    assert not any(name.startswith("fp3o") or name == "pipeline_partners" for name in dir(M))
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+TINY = ["--num-envs", 8, "--num-steps", 8, "--eval-episodes", 4, "--eval-interval", 1, "--no-progress-bar", "--torch-threads", 1]
+TIME_TAGS = {"charts/SPS", "charts/rollout_time", "charts/update_time"}
+SCRIPT = "mappo_smac.py"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Short runs (2 iterations of 64 steps): one per sharing mode, the `none` one twice with checkpoints, and
+    a 1-iteration run with a checkpoint that a resume continues to 2 iterations; and the bad inputs."""
+    base = tmp_path_factory.mktemp("mappo")
+    save = ["--save-model", "--checkpoint-interval", 1]
+    procs = run_scripts([
+        Job("half", SCRIPT, [*TINY, "--total-timesteps", 64, "--sharing", "none", *save], base / "half"),
+        Job("resume", SCRIPT, lambda: ["--resume", find_checkpoint(base / "half"), "--total-timesteps", 128, "--no-progress-bar"],
+            base / "half", after=["half"]),
+        Job("none", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "none", *save], base / "none"),
+        Job("none_again", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "none", *save], base / "none_again"),
+        Job("partial", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "partial"], base / "partial"),
+        Job("full", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "full", "--actor", "mlp"], base / "full"),
+        Job("bad_map", SCRIPT, [*TINY, "--map", "no_such_map"], base / "bad_map"),
+        Job("bad_sharing", SCRIPT, [*TINY, "--sharing", "some"], base / "bad_sharing"),
+        Job("bad_backend", SCRIPT, [*TINY, "--env-backend", "smac"], base / "bad_backend"),
+    ])  # fmt: skip
+    return base, procs
+
+
+@pytest.mark.parametrize("name,sharing", [("none", "none"), ("partial", "partial"), ("full", "full")])
+def test_short_run_writes_the_expected_tags(runs, name, sharing):
+    base, procs = runs
+    assert procs[name].returncode == 0, describe(procs[name])
+    path = run_dir(base / name)
+    assert re.fullmatch(rf"2s3z__mappo_smac__{sharing}__1__\d+", path.name)
+    scalars = read_scalars(path)
+    expected = {"charts/SPS", "charts/learning_rate", "losses/policy_loss", "losses/value_loss", "losses/entropy",
+                "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "eval/win_rate",
+                "eval/episodic_return", *(f"mappo/kl_agent{i}" for i in range(5))}  # fmt: skip
+    assert expected <= set(scalars), expected - set(scalars)
+    assert not any(tag.startswith(("fp3o/", "happo/")) for tag in scalars)
+    for tag in ("losses/policy_loss", "eval/win_rate", "mappo/kl_agent0"):
+        assert [step for step, _ in scalars[tag]] == [64, 128]
+    assert all(v > 0 for i in range(5) for _, v in scalars[f"mappo/kl_agent{i}"])
+
+
+def checkpoint(cwd):
+    return torch.load(find_checkpoint(cwd), map_location="cpu", weights_only=False)
+
+
+def assert_same_training_state(a, b):
+    """Bit for bit: networks, Adam's moments and step counts, value normaliser, counters."""
+    for key in ("actor", "critic", "value_norm"):
+        assert_same_state_dict(a[key], b[key], key)
+    for key in ("actor_opt", "critic_opt"):
+        assert a[key]["state"].keys() == b[key]["state"].keys()
+        for idx, state in a[key]["state"].items():
+            assert_same_state_dict(state, b[key]["state"][idx], f"{key} state of parameter {idx}")
+    assert (a["global_step"], a["iteration"]) == (b["global_step"], b["iteration"]) == (128, 2)
+
+
+def test_same_seed_twice_is_identical(runs):
+    base, procs = runs
+    assert procs["none_again"].returncode == 0, describe(procs["none_again"])
+    assert_same_training_state(checkpoint(base / "none"), checkpoint(base / "none_again"))
+    a, b = read_scalars(run_dir(base / "none")), read_scalars(run_dir(base / "none_again"))
+    assert a.keys() == b.keys()
+    for tag in set(a) - TIME_TAGS:
+        assert a[tag] == b[tag], tag
+
+
+def test_resume_equals_an_uninterrupted_run(runs):
+    base, procs = runs
+    assert procs["resume"].returncode == 0, describe(procs["resume"])
+    assert_same_training_state(checkpoint(base / "half"), checkpoint(base / "none"))
+    a, b = read_scalars(run_dir(base / "half")), read_scalars(run_dir(base / "none"))
+    for tag in ("losses/policy_loss", "losses/value_loss", "mappo/kl_agent3", "eval/episodic_return"):
+        assert a[tag] == b[tag], tag
+
+
+@pytest.mark.parametrize("name", ["bad_map", "bad_sharing", "bad_backend"])
+def test_bad_input_is_one_clear_error(runs, name):
+    proc = runs[1][name]
+    assert proc.returncode != 0, describe(proc)
+    assert "error" in proc.stderr.lower(), describe(proc)
+    assert "Traceback" not in proc.stderr + proc.stdout, describe(proc)
