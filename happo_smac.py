@@ -319,13 +319,15 @@ class SC2Envs:
         return self._gather([self._call(i, "reset") for i in range(self.num_envs)])
 
     def step(self, actions: torch.Tensor):
-        acts = actions.cpu().numpy()
-        for i in range(self.num_envs):
-            self.workers[i][0].send(("step", acts[i]))
-        results, crashed = [], np.zeros(self.num_envs, bool)
+        acts, crashed, results = actions.cpu().numpy(), np.zeros(self.num_envs, bool), []
         for i in range(self.num_envs):
             try:
-                results.append(self.workers[i][0].recv())
+                self.workers[i][0].send(("step", acts[i]))
+            except (BrokenPipeError, ConnectionResetError):  # the game died while the learner was busy
+                crashed[i] = True
+        for i in range(self.num_envs):
+            try:
+                results.append(self._call(i, "reset") if crashed[i] else self.workers[i][0].recv())
             except (EOFError, ConnectionResetError):
                 results.append(self._call(i, "reset"))
                 crashed[i] = True
@@ -682,7 +684,6 @@ if __name__ == "__main__":
         ret, win = evaluate(actor, make_envs(backend, args.map, args.eval_episodes, args.seed, device), args.eval_episodes, device)
         print(f"eval: win_rate {win:.3f}, episodic_return {ret:.3f} over {args.eval_episodes} episodes")
         sys.exit(0)
-
     config = {**asdict(args), "backend": backend, "versions": package_versions(), "sc2_build": sc2_build() if backend != "smax" else None}
     if args.track:
         import wandb
@@ -693,7 +694,6 @@ if __name__ == "__main__":
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
     ckpt_path = f"runs/{run_name}/checkpoint.pt"
-
     # rollout storage, agents second: [T, N, E, ...]
     buf = dict(obs=torch.zeros(T, N, E, envs.obs_dim, device=device), state=torch.zeros(T, N, E, envs.state_dim, device=device),
                avail=torch.zeros(T, N, E, A, dtype=torch.bool, device=device), actions=torch.zeros(T, N, E, dtype=torch.long, device=device),

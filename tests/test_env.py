@@ -10,6 +10,9 @@ from conftest import describe, importable, run_dir, run_script
 
 import fp3o_smac as F
 
+# the SC2 wrapper forks game processes after JAX has started its threads; the stand-in games never touch JAX
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
 E_SMAX = 8  # same batch as the end-to-end runs: the JAX compilation cache is shared
 
 

@@ -250,7 +250,6 @@ def test_bad_input_gives_a_short_error(runs, name):
     err = proc.stderr.strip()
     assert "Traceback" not in err, describe(proc)
     assert err, "an error message on stderr"
-    # our own errors start with "error:"; tyro's (bad choice of a Literal field) is a short box saying "Invalid choice"
-    assert re.search(r"error|invalid", err, re.IGNORECASE), err
+    assert "error" in err.lower(), err  # tyro's "Invalid choice" box is followed by the script's own "error: ..." line
     assert len(err.splitlines()) <= 10, f"a short message, not a wall:\n{err}"
     assert BAD_INPUTS[name][1] in err, f"the message should name the problem ({BAD_INPUTS[name][1]!r}):\n{err}"
