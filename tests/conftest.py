@@ -139,12 +139,6 @@ def read_scalars(path) -> dict:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def importable(module: str) -> bool:
-    try:
-        __import__(module)
-        return True
-    except Exception:
-        return False
 
 
 def find_checkpoint(cwd, name: str = "checkpoint.pt") -> Path:

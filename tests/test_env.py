@@ -6,7 +6,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import describe, importable, run_dir, run_script
+from conftest import describe, run_dir, run_script
 
 import fp3o_smac as F
 
@@ -319,7 +319,7 @@ def test_choose_backend_falls_back_to_smax_without_starcraft(tmp_path, monkeypat
     monkeypatch.setenv("SC2PATH", str(tmp_path / "sc2"))
     assert F.sc2_path() == str(tmp_path / "sc2")
     assert F.sc2_build() == "75689"
-    expect = "smac" if importable("smac.env") else "smax"  # the game alone is not enough: the package is needed too
+    expect = "smac" if F.importable("smac.env") else "smax"  # the game alone is not enough: the package is needed too
     assert F.choose_backend("auto", "3m") == expect
 
 
@@ -332,7 +332,7 @@ def test_make_envs_rejects_an_unknown_smax_map(capsys):
 
 
 # ---------------------------------------------------------------------------------------------- real game
-HAVE_SC2 = F.sc2_path() is not None and importable("smac.env")
+HAVE_SC2 = F.sc2_path() is not None and F.importable("smac.env")
 
 
 @pytest.mark.skipif(not HAVE_SC2, reason="needs StarCraft II (SC2PATH or ~/StarCraftII) and the smac package")
