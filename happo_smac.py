@@ -72,7 +72,7 @@ class Args:
     """steps per environment per rollout (128 x 25 = 3,200, the paper's batch)"""
 
     sharing: Literal["full", "partial", "none"] = "full"
-    """parameter sharing: full (one network), partial (shared trunk, per-agent last layer), none"""
+    """parameter sharing: full (one network), partial (actor: shared trunk, per-agent last layer; shared critic), none"""
     actor: Literal["rnn", "mlp"] = "rnn"
     """actor network: GRU after two ReLU layers, or an MLP"""
     hidden_size: int = 64
@@ -116,6 +116,7 @@ def fail(message: str):
 # env that finished an episode (`done`), its ep_return, ep_length, ep_won. Finished envs reset
 # themselves; dead agents keep `active` 0 and may only take the idle action.
 # ----------------------------------------------------------------------------------------------
+ENV_KEYS = ("obs", "state", "avail", "active", "reward", "terminated", "ep_return", "ep_length", "ep_won")
 SMACV2_RACES = {  # smacv2's published capability configs (configs/sc2_gen_*.yaml)
     "protoss": (["stalker", "zealot", "colossus"], ["colossus"]),
     "terran": (["marine", "marauder", "medivac"], ["medivac"]),
@@ -216,8 +217,7 @@ class SmaxEnvs:
     def step(self, actions: torch.Tensor):
         acts = self.jax.dlpack.from_dlpack(actions.to(torch.int32).cpu().contiguous())
         self.carry, out = self._step(self.carry, acts)
-        keys = ("obs", "state", "avail", "active", "reward", "terminated", "ep_return", "ep_length", "ep_won")
-        res = {k: self._torch(v) for k, v in zip(keys, out)}
+        res = {k: self._torch(v) for k, v in zip(ENV_KEYS, out, strict=True)}
         res["truncated"] = torch.zeros_like(res["terminated"])  # a battle's time limit is terminal
         res["done"] = res["terminated"]
         return res
@@ -251,11 +251,8 @@ def make_sc2_env(backend: str, map_name: str, seed: int):
     )  # fmt: skip
 
 
-SC2_KEYS = ("obs", "state", "avail", "active", "reward", "terminated", "ep_return", "ep_length", "ep_won")
-
-
 def _sc2_worker(remote, env_fn):
-    """Runs one game in its own process; answers 'reset' and 'step' with the SC2_KEYS values."""
+    """Runs one game in its own process; answers 'reset' and 'step' with the ENV_KEYS values."""
     env, ep_return, ep_length = env_fn(), 0.0, 0
     while True:
         cmd, data = remote.recv()
@@ -310,7 +307,7 @@ class SC2Envs:
         raise RuntimeError(f"StarCraft II game {i} crashed twice in a row")
 
     def _gather(self, results, crashed=None):
-        out = {k: torch.as_tensor(np.stack(v), device=self.device) for k, v in zip(SC2_KEYS, zip(*results))}
+        out = {k: torch.as_tensor(np.stack(v), device=self.device) for k, v in zip(ENV_KEYS, zip(*results), strict=True)}
         out["truncated"] = torch.zeros_like(out["terminated"])  # a battle's time limit is terminal, as in SMAC
         out["done"] = out["terminated"] & ~torch.as_tensor(crashed if crashed is not None else False, device=self.device)
         return out
@@ -540,13 +537,11 @@ def step_one_agent(opt, params, agent):
             p[others], opt.state[p]["exp_avg"][others], opt.state[p]["exp_avg_sq"][others] = value, exp_avg, exp_avg_sq
 
 
-def value_loss_fn(new_values, old_values, returns_n, active, clip_coef, delta):
-    """Huber loss on normalised returns with value clipping (MAPPO), averaged over active samples."""
+def value_loss_fn(new_values, old_values, returns_n, weights, clip_coef, delta):
+    """Huber loss on normalised returns with value clipping (MAPPO), weighted by `weights` [T, N, B]."""
     clipped = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
-    huber = torch.nn.functional.huber_loss
-    loss = torch.max(huber(new_values, returns_n, reduction="none", delta=delta),
-                     huber(clipped, returns_n, reduction="none", delta=delta))  # fmt: skip
-    return (loss * active).sum() / active.sum().clamp(min=1)
+    huber = lambda v: torch.nn.functional.huber_loss(v, returns_n, reduction="none", delta=delta)
+    return (torch.max(huber(new_values), huber(clipped)) * weights).sum()
 
 
 def happo_turn(actor, critic, opts, b, factor, agent, per_agent, args):
@@ -566,10 +561,10 @@ def happo_turn(actor, critic, opts, b, factor, agent, per_agent, args):
             ratio = (logp - m["logp"]).exp()
             obj = happo_objective(ratio, m["adv"], factor[:, None, mb], args.clip_coef)
             act = m["active"] * own
-            n_act = act.sum().clamp(min=1)
+            n_act = act.sum().clamp(min=1)  # this agent's own mean: its network's gradient, whatever the sharing
             pg_loss, ent = -(obj * act).sum() / n_act, (entropy * act).sum() / n_act
             new_values = critic(m["state"])[0].squeeze(-1)
-            v_loss = value_loss_fn(new_values, m["values"], m["returns_n"], act, args.clip_coef, args.huber_delta)
+            v_loss = value_loss_fn(new_values, m["values"], m["returns_n"], act / n_act, args.clip_coef, args.huber_delta)
             for opt, loss, net, params in ((opts[0], pg_loss - args.ent_coef * ent, actor, per_agent[0]),
                                            (opts[1], args.vf_coef * v_loss, critic, per_agent[1])):  # fmt: skip
                 opt.zero_grad(set_to_none=True)
@@ -638,11 +633,6 @@ def evaluate(actor, envs, episodes, device):
     return returns[:episodes].mean().item(), wins[:episodes].mean().item()
 
 
-def package_versions():
-    names = ("torch", "jax", "jaxmarl", "smac", "smacv2", "numpy", "tyro")
-    return {n: metadata.version(n) for n in names if importable(n.replace("-", "_"))}
-
-
 if __name__ == "__main__":
     try:
         args = tyro.cli(Args)
@@ -661,12 +651,9 @@ if __name__ == "__main__":
         fail(f"--num-envs ({args.num_envs}) must be divisible by --num-minibatches ({args.num_minibatches})")
     backend = choose_backend(args.env_backend, args.map)
     run_name = ckpt["run_name"] if ckpt else f"{args.map}__{args.exp_name}__{args.sharing}__{args.seed}__{int(time.time())}"
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(args.torch_threads or torch.get_num_threads())
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     envs = make_envs(backend, args.map, args.num_envs, args.seed, device)
@@ -674,7 +661,8 @@ if __name__ == "__main__":
     N, E, T, A = envs.n_agents, args.num_envs, args.num_steps, envs.n_actions
     print(f"{run_name}: backend {backend}, {N} agents, {A} actions, sharing {args.sharing}, device {device}")
     actor = AgentNet(N, envs.obs_dim, A, args.hidden_size, args.sharing, recurrent=args.actor == "rnn").to(device)
-    critic = AgentNet(N, envs.state_dim, 1, args.hidden_size, args.sharing, out_gain=1.0).to(device)
+    critic_sharing = "full" if args.sharing == "partial" else args.sharing  # partial: a policy setting (E.3), as the authors' runner
+    critic = AgentNet(N, envs.state_dim, 1, args.hidden_size, critic_sharing, out_gain=1.0).to(device)
     opts = [torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5),
             torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)]  # fmt: skip
     value_norm = ValueNorm().to(device)
@@ -684,7 +672,8 @@ if __name__ == "__main__":
         ret, win = evaluate(actor, make_envs(backend, args.map, args.eval_episodes, args.seed, device), args.eval_episodes, device)
         print(f"eval: win_rate {win:.3f}, episodic_return {ret:.3f} over {args.eval_episodes} episodes")
         sys.exit(0)
-    config = {**asdict(args), "backend": backend, "versions": package_versions(), "sc2_build": sc2_build() if backend != "smax" else None}
+    versions = {n: metadata.version(n) for n in ("torch", "jax", "jaxmarl", "smac", "smacv2", "numpy", "tyro") if importable(n)}
+    config = {**asdict(args), "backend": backend, "versions": versions, "sc2_build": sc2_build() if backend != "smax" else None}
     if args.track:
         import wandb
 
@@ -782,11 +771,8 @@ if __name__ == "__main__":
             }, ckpt_path + ".tmp")  # fmt: skip
             os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash while saving keeps the last checkpoint
 
-    if progress is not None:
-        progress.close()
-    envs.close()
-    if eval_envs is not None:
-        eval_envs.close()
-    writer.close()
+    for closable in (progress, envs, eval_envs, writer):
+        if closable is not None:
+            closable.close()
     if args.track:
         wandb.finish()

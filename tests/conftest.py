@@ -6,6 +6,9 @@
   so that its `runs/` and `wandb/` folders land there; returns the CompletedProcess (text stdout/stderr).
 - `run_scripts(jobs)`: several such runs at once (a few in parallel), for module-scoped fixtures.
 - `run_dir(cwd)`, `read_scalars(run_dir)`: the run's TensorBoard folder and its scalars.
+- `load_checkpoint`, `assert_same_training_state`, `assert_one_clear_error`: checks shared by the end-to-end tests.
+- `hand_made_batch(script_module, sharing)`: a tiny GRU actor, critic, Adam optimizers and a rollout batch shaped like
+  the SMAC scripts' `b`, for in-process tests of their updates.
 
 Subprocesses get a persistent JAX compilation cache (SMAX's jitted step takes ~10-20 s to compile on a small CPU,
 a cache hit well under a second) and one torch thread (on a shared 2-core machine OpenMP spinning makes the tiny
@@ -139,8 +142,6 @@ def read_scalars(path) -> dict:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-
-
 def find_checkpoint(cwd, name: str = "checkpoint.pt") -> Path:
     """The single `runs/*/checkpoint.pt` under `cwd`."""
     found = sorted((Path(cwd) / "runs").glob(f"*/{name}"))
@@ -155,3 +156,62 @@ def assert_same_state_dict(a: dict, b: dict, what: str = "state dict"):
         x, y = a[k], b[k]
         assert x.shape == y.shape and x.dtype == y.dtype, f"{what}[{k}]: {x.shape}/{x.dtype} vs {y.shape}/{y.dtype}"
         assert x.equal(y), f"{what}[{k}] differs (max abs diff {(x.double() - y.double()).abs().max().item():.3g})"
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint file, or the single `runs/*/checkpoint.pt` under a folder."""
+    import torch
+
+    path = Path(path)
+    return torch.load(find_checkpoint(path) if path.is_dir() else path, map_location="cpu", weights_only=False)
+
+
+def assert_same_training_state(a: dict, b: dict, iteration: Optional[int] = None, global_step: Optional[int] = None):
+    """Bit for bit: networks, Adam's moments and step counts, value normaliser; and the counters when given."""
+    for key in ("actor", "critic", "value_norm"):
+        assert_same_state_dict(a[key], b[key], key)
+    for key in ("actor_opt", "critic_opt"):
+        assert a[key]["state"].keys() == b[key]["state"].keys(), f"{key}: different parameters have state"
+        for idx, state in a[key]["state"].items():
+            assert_same_state_dict(state, b[key]["state"][idx], f"{key} state of parameter {idx}")
+    assert (a["iteration"], a["global_step"]) == (b["iteration"], b["global_step"])
+    if iteration is not None:
+        assert (a["iteration"], a["global_step"]) == (iteration, global_step)
+
+
+def assert_one_clear_error(proc: subprocess.CompletedProcess, mentions: Optional[str] = None):
+    """Bad input: a non-zero exit, an `error: ...` line on stderr (naming `mentions`) and no traceback."""
+    assert proc.returncode not in (0, -9), describe(proc)
+    err = proc.stderr.strip()
+    assert "Traceback" not in err + proc.stdout, describe(proc)
+    assert "error" in err.lower(), describe(proc)
+    if mentions is not None:
+        assert mentions in err, describe(proc)
+
+
+HAND_MADE = dict(N=3, T=5, E=6, OBS=7, STATE=9, ACTS=4, HID=8)  # agents, steps, envs, sizes of hand_made_batch
+
+
+def hand_made_batch(script, sharing: str, seed: int = 0, logp_noise: float = 0.3):
+    """A tiny GRU actor and MLP critic built with `script.AgentNet`, their Adam optimizers (lr 5e-3) and a rollout
+    batch `b` [T, N, E, ...] as the SMAC scripts build it: random masks with some dead agents, an episode start inside
+    the rollout, and rollout log-probs a little away from the actor's, so that ratios differ from 1."""
+    import torch
+
+    N, T, E, OBS, STATE, ACTS, HID = HAND_MADE.values()
+    torch.manual_seed(seed)
+    actor = script.AgentNet(N, OBS, ACTS, HID, sharing, recurrent=True)
+    critic = script.AgentNet(N, STATE, 1, HID, sharing, out_gain=1.0)
+    opts = [torch.optim.Adam(net.parameters(), lr=5e-3, eps=1e-5) for net in (actor, critic)]
+    gen = torch.Generator().manual_seed(seed)
+    avail = torch.rand(T, N, E, ACTS, generator=gen) > 0.3
+    avail[..., 0] = True
+    actions = torch.multinomial(avail.float().view(-1, ACTS), 1, generator=gen).view(T, N, E)
+    starts = torch.zeros(T, E)
+    starts[0], starts[2, 1] = 1.0, 1.0
+    b = dict(obs=torch.randn(T, N, E, OBS, generator=gen), state=torch.randn(T, N, E, STATE, generator=gen),
+             avail=avail, actions=actions, starts=starts, h0=torch.zeros(N, E, HID),
+             values=torch.randn(T, N, E, generator=gen), active=(torch.rand(T, N, E, generator=gen) > 0.15).float(),
+             adv=torch.randn(T, N, E, generator=gen), returns_n=torch.randn(T, N, E, generator=gen))  # fmt: skip
+    b["logp"] = script.rollout_logp(actor, b) + logp_noise * torch.randn(T, N, E, generator=gen)
+    return actor, critic, opts, b

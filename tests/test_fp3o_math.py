@@ -267,3 +267,27 @@ def test_double_clip_inner_clip_bounds_the_other_agents_ratio():
     ref = rho_others.clamp(0.9, 1.1) * ppo_clip(log_r.exp(), adv)
     (g_ref,) = torch.autograd.grad(ref.sum(), log_r)
     assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- the step
+@pytest.mark.parametrize("sharing", ["full", "partial", "none"])
+def test_independent_step_is_mappos_update(sharing):
+    """With all factors 1, fp3o_step is MAPPO's update (appendix D.6): the same networks and optimizer states after
+    two epochs of two minibatches, sharing semantics (per-agent losses and clipping under `none`) included."""
+    import mappo_smac
+    from conftest import hand_made_batch
+
+    args = F.Args(update_epochs=2, num_minibatches=2, sharing=sharing)
+    ones = lambda b: (torch.ones_like(b["logp"]), torch.ones_like(b["logp"]))
+    steps = {"fp3o": lambda a, c, o, b: F.fp3o_step(a, c, o, b, ones(b), args),
+             "mappo": lambda a, c, o, b: mappo_smac.mappo_step(a, c, o, b, mappo_smac.Args(update_epochs=2, num_minibatches=2, sharing=sharing))}  # fmt: skip
+    after = {}
+    for name, step in steps.items():
+        actor, critic, opts, b = hand_made_batch(F, sharing)
+        torch.manual_seed(7)  # the same minibatches
+        stats = step(actor, critic, opts, b)
+        after[name] = (actor.state_dict(), critic.state_dict(), opts[0].state_dict()["state"], stats)
+    for k, (x, y) in enumerate(zip(after["fp3o"][:3], after["mappo"][:3], strict=True)):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=f"item {k}")
+    torch.testing.assert_close(after["fp3o"][3][1:], after["mappo"][3][1:])  # the policy loss differs by E[A] (D.6)
+    assert not torch.equal(after["fp3o"][0]["head.weight"], hand_made_batch(F, sharing)[0].state_dict()["head.weight"])

@@ -3,14 +3,27 @@ and Adam moments untouched, Adam exact per agent), in process; and short end-to-
 import copy
 import re
 
+import conftest
 import pytest
 import torch
-from conftest import Job, assert_same_state_dict, describe, find_checkpoint, read_scalars, run_dir, run_scripts
+from conftest import (
+    HAND_MADE,
+    Job,
+    assert_one_clear_error,
+    assert_same_state_dict,
+    assert_same_training_state,
+    describe,
+    find_checkpoint,
+    load_checkpoint,
+    read_scalars,
+    run_dir,
+    run_scripts,
+)
 
 import happo_smac as H
 
 EPS = 0.2
-N, T, E, OBS, STATE, ACTS, HID = 3, 5, 6, 7, 9, 4, 8
+N, T, E, OBS, STATE, ACTS, HID = HAND_MADE.values()
 
 
 # ---------------------------------------------------------------------------------------------- objective and M
@@ -51,24 +64,9 @@ def test_factor_update_multiplies_by_exactly_the_agents_ratio_on_a_hand_made_bat
 
 # ---------------------------------------------------------------------------------------------- the update
 def hand_made_batch(sharing, seed=0):
-    """Tiny actor (GRU) and critic, their optimizers and a rollout batch like the script's `b`."""
-    torch.manual_seed(seed)
-    actor = H.AgentNet(N, OBS, ACTS, HID, sharing, recurrent=True)
-    critic = H.AgentNet(N, STATE, 1, HID, sharing, out_gain=1.0)
-    opts = [torch.optim.Adam(actor.parameters(), lr=5e-3, eps=1e-5), torch.optim.Adam(critic.parameters(), lr=5e-3, eps=1e-5)]
-    gen = torch.Generator().manual_seed(seed)
-    avail = torch.rand(T, N, E, ACTS, generator=gen) > 0.3
-    avail[..., 0] = True
-    actions = torch.multinomial(avail.float().view(-1, ACTS), 1, generator=gen).view(T, N, E)
-    starts = torch.zeros(T, E)
-    starts[0], starts[2, 1] = 1.0, 1.0
-    b = dict(obs=torch.randn(T, N, E, OBS, generator=gen), state=torch.randn(T, N, E, STATE, generator=gen),
-             avail=avail, actions=actions, starts=starts, h0=torch.zeros(N, E, HID),
-             values=torch.randn(T, N, E, generator=gen), active=(torch.rand(T, N, E, generator=gen) > 0.15).float(),
-             adv=torch.randn(T, N, E, generator=gen), returns_n=torch.randn(T, N, E, generator=gen))  # fmt: skip
-    b["logp"] = H.rollout_logp(actor, b) + 0.2 * torch.randn(T, N, E, generator=gen)
-    per_agent = (H.agent_params(actor, N), H.agent_params(critic, N))
-    return actor, critic, opts, b, per_agent
+    """conftest's tiny actor, critic, optimizers and batch, and the per-agent parameters of both networks."""
+    actor, critic, opts, b = conftest.hand_made_batch(H, sharing, seed, logp_noise=0.2)
+    return actor, critic, opts, b, (H.agent_params(actor, N), H.agent_params(critic, N))
 
 
 ARGS = H.Args(update_epochs=2, num_minibatches=2)
@@ -266,26 +264,11 @@ def test_random_order_changes_between_iterations_and_runs(runs):
     assert len(set(orders)) > 1
 
 
-def checkpoint(cwd):
-    return torch.load(find_checkpoint(cwd), map_location="cpu", weights_only=False)
-
-
-def assert_same_training_state(a, b):
-    """Bit for bit: networks, Adam's moments and step counts, value normaliser, counters."""
-    for key in ("actor", "critic", "value_norm"):
-        assert_same_state_dict(a[key], b[key], key)
-    for key in ("actor_opt", "critic_opt"):
-        assert a[key]["state"].keys() == b[key]["state"].keys()
-        for idx, state in a[key]["state"].items():
-            assert_same_state_dict(state, b[key]["state"][idx], f"{key} state of parameter {idx}")
-    assert (a["global_step"], a["iteration"]) == (b["global_step"], b["iteration"]) == (128, 2)
-
-
 def test_same_seed_twice_is_identical(runs):
     base, procs = runs
     for name in ("partial", "partial_again"):
         assert procs[name].returncode == 0, describe(procs[name])
-    assert_same_training_state(checkpoint(base / "partial"), checkpoint(base / "partial_again"))
+    assert_same_training_state(load_checkpoint(base / "partial"), load_checkpoint(base / "partial_again"), 2, 128)
     a, b = read_scalars(run_dir(base / "partial")), read_scalars(run_dir(base / "partial_again"))
     assert a.keys() == b.keys()
     for tag in set(a) - TIME_TAGS:
@@ -295,7 +278,7 @@ def test_same_seed_twice_is_identical(runs):
 def test_resume_equals_an_uninterrupted_run(runs):
     base, procs = runs
     assert procs["resume"].returncode == 0, describe(procs["resume"])
-    assert_same_training_state(checkpoint(base / "half"), checkpoint(base / "partial"))
+    assert_same_training_state(load_checkpoint(base / "half"), load_checkpoint(base / "partial"), 2, 128)
     a, b = read_scalars(run_dir(base / "half")), read_scalars(run_dir(base / "partial"))
     for tag in ("losses/policy_loss", "losses/value_loss", "happo/kl_agent3", "happo/position_agent0", "eval/episodic_return"):
         assert a[tag] == b[tag], tag
@@ -303,7 +286,4 @@ def test_resume_equals_an_uninterrupted_run(runs):
 
 @pytest.mark.parametrize("name", ["bad_map", "bad_sharing", "bad_backend"])
 def test_bad_input_is_one_clear_error(runs, name):
-    proc = runs[1][name]
-    assert proc.returncode != 0, describe(proc)
-    assert "error" in proc.stderr.lower(), describe(proc)
-    assert "Traceback" not in proc.stderr + proc.stdout, describe(proc)
+    assert_one_clear_error(runs[1][name])

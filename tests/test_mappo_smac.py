@@ -2,15 +2,27 @@
 import copy
 import re
 
+import conftest
 import pytest
 import torch
 import torch.nn as nn
-from conftest import Job, assert_same_state_dict, describe, find_checkpoint, read_scalars, run_dir, run_scripts
+from conftest import (
+    HAND_MADE,
+    Job,
+    assert_one_clear_error,
+    assert_same_training_state,
+    describe,
+    find_checkpoint,
+    load_checkpoint,
+    read_scalars,
+    run_dir,
+    run_scripts,
+)
 
 import mappo_smac as M
 
 EPS = 0.2
-N, T, E, OBS, STATE, ACTS, HID = 3, 5, 6, 7, 9, 4, 8
+N, T, E, OBS, STATE, ACTS, HID = HAND_MADE.values()
 
 
 # ---------------------------------------------------------------------------------------------- objective
@@ -34,54 +46,45 @@ def test_ppo_clip_objective_gradient_is_zero_exactly_where_clipped():
 
 # ---------------------------------------------------------------------------------------------- the update
 def hand_made_batch(sharing, seed=0):
-    """Tiny actor (GRU) and critic, their optimizers and a rollout batch like the script's `b`."""
-    torch.manual_seed(seed)
-    actor = M.AgentNet(N, OBS, ACTS, HID, sharing, recurrent=True)
-    critic = M.AgentNet(N, STATE, 1, HID, sharing, out_gain=1.0)
-    opts = [torch.optim.Adam(actor.parameters(), lr=5e-3, eps=1e-5), torch.optim.Adam(critic.parameters(), lr=5e-3, eps=1e-5)]
-    gen = torch.Generator().manual_seed(seed)
-    avail = torch.rand(T, N, E, ACTS, generator=gen) > 0.3
-    avail[..., 0] = True
-    actions = torch.multinomial(avail.float().view(-1, ACTS), 1, generator=gen).view(T, N, E)
-    starts = torch.zeros(T, E)
-    starts[0], starts[2, 1] = 1.0, 1.0
-    b = dict(obs=torch.randn(T, N, E, OBS, generator=gen), state=torch.randn(T, N, E, STATE, generator=gen),
-             avail=avail, actions=actions, starts=starts, h0=torch.zeros(N, E, HID),
-             values=torch.randn(T, N, E, generator=gen), active=(torch.rand(T, N, E, generator=gen) > 0.15).float(),
-             adv=torch.randn(T, N, E, generator=gen), returns_n=torch.randn(T, N, E, generator=gen))  # fmt: skip
-    # a rollout policy a little away from the current one, so that ratios differ from 1 and some are clipped
-    b["logp"] = M.rollout_logp(actor, b) + 0.3 * torch.randn(T, N, E, generator=gen)
-    return actor, critic, opts, b
+    return conftest.hand_made_batch(M, sharing, seed, logp_noise=0.3)
 
 
 @pytest.mark.parametrize("sharing", ["full", "partial", "none"])
 def test_mappo_step_is_one_ppo_clip_step_for_all_agents_at_once(sharing):
-    """One epoch, one minibatch: the actor's step equals an Adam step on the PPO-clip loss (with entropy) of
-    all agents' active samples, the critic's one on the clipped Huber value loss; the logged loss is PPO-clip's."""
-    actor, critic, opts, b = hand_made_batch(sharing)
-    ref_actor, ref_critic = copy.deepcopy(actor), copy.deepcopy(critic)
-    args = M.Args(update_epochs=1, num_minibatches=1)
-    stats = M.mappo_step(actor, critic, opts, b, args)
-
-    logits, _ = ref_actor(b["obs"], b["h0"], b["starts"])
-    dist = torch.distributions.Categorical(logits=logits.masked_fill(~b["avail"], -1e10))
-    ratio = (dist.log_prob(b["actions"]) - b["logp"]).exp()
-    surrogate = torch.min(ratio * b["adv"], torch.clamp(ratio, 1 - EPS, 1 + EPS) * b["adv"])
-    act = b["active"]
-    pg_loss = -(surrogate * act).sum() / act.sum()
-    assert ((ratio - 1).abs() > EPS).any() and ((ratio - 1).abs() < EPS).any()
-    torch.testing.assert_close(stats[0], pg_loss.detach())
-    values = ref_critic(b["state"])[0].squeeze(-1)
-    v_loss = M.value_loss_fn(values, b["values"], b["returns_n"], act, EPS, args.huber_delta)
-    torch.testing.assert_close(stats[1], v_loss.detach())
-    for net, loss in ((ref_actor, pg_loss - args.ent_coef * (dist.entropy() * act).sum() / act.sum()), (ref_critic, v_loss)):
-        opt = torch.optim.Adam(net.parameters(), lr=5e-3, eps=1e-5)
-        loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
-        opt.step()
-    for net, ref in ((actor, ref_actor), (critic, ref_critic)):
-        for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    """One epoch, one minibatch, with SGD (which, unlike Adam, sees the scale of a gradient): the actor steps on the
+    PPO-clip loss (with entropy) of all agents' active samples, the critic on the clipped Huber value loss, with the
+    gradient norm clipped. Under `none` (N separate networks) each agent's copy steps exactly as a network of its own
+    would: on its own samples' mean loss, with its own gradient clipping. The logged losses are the agents' mean."""
+    actor, critic, _, b = hand_made_batch(sharing)
+    start = copy.deepcopy((actor, critic))
+    sgd = lambda nets: [torch.optim.SGD(net.parameters(), lr=0.5) for net in nets]
+    args = M.Args(update_epochs=1, num_minibatches=1, sharing=sharing, max_grad_norm=0.3)  # a clip that bites
+    stats = M.mappo_step(actor, critic, sgd((actor, critic)), b, args)
+    groups = [torch.arange(N)] if sharing != "none" else [torch.tensor([i]) for i in range(N)]
+    logged, clipped = torch.zeros(2), []
+    for agents in groups:  # the reference: one network (or one per agent) trained on its own samples
+        ref_actor, ref_critic = copy.deepcopy(start)
+        act = b["active"] * torch.isin(torch.arange(N), agents).float().view(1, N, 1)
+        logits, _ = ref_actor(b["obs"], b["h0"], b["starts"])
+        dist = torch.distributions.Categorical(logits=logits.masked_fill(~b["avail"], -1e10))
+        ratio = (dist.log_prob(b["actions"]) - b["logp"]).exp()
+        assert ((ratio - 1).abs() > EPS).any() and ((ratio - 1).abs() < EPS).any()
+        surrogate = torch.min(ratio * b["adv"], torch.clamp(ratio, 1 - EPS, 1 + EPS) * b["adv"])
+        pg_loss = -(surrogate * act).sum() / act.sum()
+        v_loss = M.value_loss_fn(ref_critic(b["state"])[0].squeeze(-1), b["values"], b["returns_n"], act / act.sum(), EPS,
+                                 args.huber_delta)  # fmt: skip
+        logged += torch.stack([pg_loss, v_loss]).detach() / len(groups)
+        losses = (pg_loss - args.ent_coef * (dist.entropy() * act).sum() / act.sum(), v_loss)
+        for net, loss, opt in zip((ref_actor, ref_critic), losses, sgd((ref_actor, ref_critic)), strict=True):
+            loss.backward()
+            clipped.append(nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm) > args.max_grad_norm)
+            opt.step()
+        for net, ref in ((actor, ref_actor), (critic, ref_critic)):
+            for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+                idx = agents if p.shape[0] == N and sharing == "none" else slice(None)
+                torch.testing.assert_close(p[idx], q[idx], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(clipped), "the gradient clipping was not exercised"
+    torch.testing.assert_close(stats[:2], logged)
 
 
 def test_mappo_step_moves_every_agent():
@@ -145,25 +148,10 @@ def test_short_run_writes_the_expected_tags(runs, name, sharing):
     assert all(v > 0 for i in range(5) for _, v in scalars[f"mappo/kl_agent{i}"])
 
 
-def checkpoint(cwd):
-    return torch.load(find_checkpoint(cwd), map_location="cpu", weights_only=False)
-
-
-def assert_same_training_state(a, b):
-    """Bit for bit: networks, Adam's moments and step counts, value normaliser, counters."""
-    for key in ("actor", "critic", "value_norm"):
-        assert_same_state_dict(a[key], b[key], key)
-    for key in ("actor_opt", "critic_opt"):
-        assert a[key]["state"].keys() == b[key]["state"].keys()
-        for idx, state in a[key]["state"].items():
-            assert_same_state_dict(state, b[key]["state"][idx], f"{key} state of parameter {idx}")
-    assert (a["global_step"], a["iteration"]) == (b["global_step"], b["iteration"]) == (128, 2)
-
-
 def test_same_seed_twice_is_identical(runs):
     base, procs = runs
     assert procs["none_again"].returncode == 0, describe(procs["none_again"])
-    assert_same_training_state(checkpoint(base / "none"), checkpoint(base / "none_again"))
+    assert_same_training_state(load_checkpoint(base / "none"), load_checkpoint(base / "none_again"), 2, 128)
     a, b = read_scalars(run_dir(base / "none")), read_scalars(run_dir(base / "none_again"))
     assert a.keys() == b.keys()
     for tag in set(a) - TIME_TAGS:
@@ -173,7 +161,7 @@ def test_same_seed_twice_is_identical(runs):
 def test_resume_equals_an_uninterrupted_run(runs):
     base, procs = runs
     assert procs["resume"].returncode == 0, describe(procs["resume"])
-    assert_same_training_state(checkpoint(base / "half"), checkpoint(base / "none"))
+    assert_same_training_state(load_checkpoint(base / "half"), load_checkpoint(base / "none"), 2, 128)
     a, b = read_scalars(run_dir(base / "half")), read_scalars(run_dir(base / "none"))
     for tag in ("losses/policy_loss", "losses/value_loss", "mappo/kl_agent3", "eval/episodic_return"):
         assert a[tag] == b[tag], tag
@@ -181,7 +169,4 @@ def test_resume_equals_an_uninterrupted_run(runs):
 
 @pytest.mark.parametrize("name", ["bad_map", "bad_sharing", "bad_backend"])
 def test_bad_input_is_one_clear_error(runs, name):
-    proc = runs[1][name]
-    assert proc.returncode != 0, describe(proc)
-    assert "error" in proc.stderr.lower(), describe(proc)
-    assert "Traceback" not in proc.stderr + proc.stdout, describe(proc)
+    assert_one_clear_error(runs[1][name])
