@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# FP3O paper, Table 2 (SMAC: median evaluation win rate over 5 seeds, +- std), on the SMAX maps of the table.
+# FP3O, MAPPO, HAPPO x full / partial / none parameter sharing x seeds 1-5, with the steps of table E.5 (and its PPO
+# clip and actor network per map). Table 2's other maps (bane_vs_bane, 2c_vs_64zg, corridor) are not in SMAX; IPPO has
+# no SMAC script here. SMAX maps are easier than StarCraft II's: compare algorithms with each other, not with the paper.
+#
+#   bash benchmark/recipes/fp3o_table2_smac.sh            full budgets (1.3e9 environment steps in all)
+#   bash benchmark/recipes/fp3o_table2_smac.sh --quick    SMAX 2s3z, 2 seeds, 320k steps per run: about an hour on 2 cores
+#
+# Other flags go to benchmark/sweep.py: --workers N, --dry-run, --slurm (job arrays instead of local runs), --track.
+# Runs finished before are skipped, so the recipe can be stopped and started again. A failed run does not stop the
+# others; the report marks its seed as missing and the recipe exits with status 1.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+QUICK=0
+REPORT=1
+PASS=()
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK=1 ;;
+    --dry-run | --slurm) REPORT=0; PASS+=("$arg") ;;
+    *) PASS+=("$arg") ;;
+  esac
+done
+SCRIPTS=(fp3o_smac.py mappo_smac.py happo_smac.py)
+PY=${PYTHON:-python}
+STATUS=0
+
+if [ "$QUICK" = 1 ]; then
+  # 2s3z x 3 algorithms x 3 sharing modes x 2 seeds = 18 runs of 100 iterations (3,200 steps each), two at a time.
+  # Chosen from runs measured on this 2-core machine (one torch thread per run, two runs at a time, other jobs
+  # running): about 2.6 s per iteration for FP3O, 1.4 s for MAPPO and 7 s for HAPPO (its agents update one after
+  # another). QUICK_STEPS=... overrides the budget.
+  STEPS=${QUICK_STEPS:-320000}
+  OUT=benchmark/sweeps/quick_smax
+  $PY benchmark/sweep.py --out "$OUT" --scripts "${SCRIPTS[@]}" --tasks 2s3z --sharing full partial none --seeds 1 2 \
+    --args="--total-timesteps $STEPS --eval-interval 10" ${PASS[@]+"${PASS[@]}"} || STATUS=1
+  if [ "$REPORT" = 1 ]; then
+    $PY benchmark/report.py "$OUT" --out-dir benchmark/results/quick_smax --at 96000 192000 \
+      --title "Quick SMAX recipe: \`bash benchmark/recipes/fp3o_table2_smac.sh --quick\` ($STEPS steps per run, evaluation every 32,000 steps, 32 greedy episodes)"
+  fi
+  exit $STATUS
+fi
+
+OUT=benchmark/sweeps/fp3o_table2_smac
+sweep() { $PY benchmark/sweep.py --out "$OUT" --scripts "${SCRIPTS[@]}" --seeds 1 2 3 4 5 "$@" ${PASS[@]+"${PASS[@]}"} || STATUS=1; }
+# Table E.5: map, PPO clip, actor network, steps with full / partial / none sharing.
+# 3s5z: clip 0.2, rnn, 5e6 / 5e6 / 5e6
+sweep --tasks 3s5z --sharing full partial none --args="--total-timesteps 5000000"
+# 5m_vs_6m: clip 0.05, rnn, 8e6 / 10e6 / 10e6
+sweep --tasks "5m_vs_6m=--map 5m_vs_6m --clip-coef 0.05" --sharing full --args="--total-timesteps 8000000"
+sweep --tasks "5m_vs_6m=--map 5m_vs_6m --clip-coef 0.05" --sharing partial none --args="--total-timesteps 10000000"
+# 6h_vs_8z: clip 0.2, mlp, 10e6 / 15e6 / 20e6
+sweep --tasks "6h_vs_8z=--map 6h_vs_8z --actor mlp" --sharing full --args="--total-timesteps 10000000"
+sweep --tasks "6h_vs_8z=--map 6h_vs_8z --actor mlp" --sharing partial --args="--total-timesteps 15000000"
+sweep --tasks "6h_vs_8z=--map 6h_vs_8z --actor mlp" --sharing none --args="--total-timesteps 20000000"
+# Table E.5 also lists two maps of appendix F.1 (full sharing only); SMAX has them. Uncomment to add them:
+# sweep --tasks 10m_vs_11m --sharing full --args="--total-timesteps 8000000"
+# sweep --tasks "3s5z_vs_3s6z=--map 3s5z_vs_3s6z --clip-coef 0.05" --sharing full --args="--total-timesteps 12000000"
+if [ "$REPORT" = 1 ]; then
+  $PY benchmark/report.py "$OUT" --out-dir benchmark/results/fp3o_table2_smac --at 2000000 5000000 \
+    --title "FP3O Table 2 on SMAX: \`bash benchmark/recipes/fp3o_table2_smac.sh\` (budgets of table E.5, 5 seeds)"
+fi
+exit $STATUS

@@ -1,0 +1,329 @@
+"""Tables, learning curves and a CSV from the TensorBoard logs of a sweep (or of any folder of `runs/`).
+
+Runs are found through the sweep's record.json files (labels, exit status; see benchmark/sweep.py) or, in a folder
+without records, by their TensorBoard folder name `{task}__{exp_name}__{sharing}__{seed}__{time}`. Logs are read with
+TensorBoard's EventAccumulator. Written to --out-dir:
+  table.md         the paper's table: per task and sharing mode (rows) and algorithm (columns) the final evaluation
+                   over seeds: SMAC (runs that log eval/win_rate) median win rate in %, otherwise mean return; +- std
+                   over seeds; the best of each row in bold; (n/m seeds) where seeds are missing or incomplete;
+                   with --at, rows for the values at those step budgets too
+  curves_<task>__<tag>.png   mean and spread over seeds per algorithm, one panel per sharing mode
+  scalars.csv      every scalar of every run: run, algorithm, sharing, task, seed, step, tag, value
+  runs.csv         every run: labels, exit status, duration, last step, command
+
+Usage: python benchmark/report.py benchmark/sweeps/quick_smax --out-dir benchmark/results/quick_smax --at 200000 400000
+"""
+import csv
+import glob
+import json
+import math
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional
+
+import numpy as np
+import tyro
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+FAMILY_SUFFIXES = ("_smac", "_mamujoco", "_mpe")
+SHARING_ORDER = {"full": 0, "partial": 1, "none": 2}
+
+
+@dataclass
+class Args:
+    sweeps: tyro.conf.Positional[List[str]]
+    """sweep folders (benchmark/sweep.py --out) or folders holding TensorBoard runs"""
+    out_dir: str = os.path.join("benchmark", "results", "report")
+    """where table.md, the curves, scalars.csv and runs.csv go"""
+    tag: Optional[str] = None
+    """scalar of the table; default per task: eval/win_rate where its runs log it (SMAC), else eval/episodic_return"""
+    stat: Literal["auto", "median", "mean"] = "auto"
+    """statistic over seeds; auto: median for win rates (as the FP3O/MAPPO papers on SMAC), mean for returns"""
+    last: int = 1
+    """a run's final value: the mean of its last N values of the tag"""
+    at: List[int] = field(default_factory=list)
+    """step budgets for extra rows: each run's last value at or before the budget (runs short of it count as missing)"""
+    tolerance: float = 0.02
+    """relative slack on steps: a run reaching (1 - tol) x the row's final step (or budget) counts as complete"""
+    algorithms: List[str] = field(default_factory=list)
+    """column order and selection (default: every algorithm, alphabetically)"""
+    decimals: int = 1
+    """decimals of the table's values"""
+    plot_tags: List[str] = field(default_factory=list)
+    """tags to plot (default: the table's tag of each task)"""
+    band: Literal["std", "minmax", "none"] = "std"
+    """the spread around the mean curve: +- std over seeds, min to max, or none"""
+    csv_tags: List[str] = field(default_factory=list)
+    """regular expressions of the tags written to scalars.csv (default: every tag)"""
+    title: str = ""
+    """a line printed above the tables (e.g. the machine and the recipe)"""
+
+
+@dataclass(eq=False)
+class RunLog:
+    run: str
+    algorithm: str
+    task: str
+    sharing: str
+    seed: int
+    status: Optional[int] = 0
+    duration_s: Optional[float] = None
+    command: str = ""
+    logdir: Optional[str] = None
+    scalars: Dict[str, np.ndarray] = field(default_factory=dict)  # tag -> [K, 2] (step, value), sorted by step
+
+    def last_step(self) -> int:
+        return int(max((s[-1, 0] for s in self.scalars.values() if len(s)), default=0))
+
+
+def algorithm_label(exp_name: str) -> str:
+    for suffix in FAMILY_SUFFIXES:
+        if exp_name.endswith(suffix):
+            return exp_name[: -len(suffix)]
+    return exp_name
+
+
+def read_scalars(logdir: str) -> Dict[str, np.ndarray]:
+    """{tag: array [K, 2] of (step, value)} of a TensorBoard run folder; a step logged twice keeps its last value."""
+    acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        by_step = {e.step: e.value for e in acc.Scalars(tag)}
+        out[tag] = np.array(sorted(by_step.items()), dtype=np.float64).reshape(-1, 2)
+    return out
+
+
+def tb_dirs(folder: str) -> List[str]:
+    """Folders directly holding TensorBoard event files, under `folder`."""
+    found = {os.path.dirname(p) for p in glob.glob(os.path.join(folder, "**", "events.out.tfevents.*"), recursive=True)}
+    return sorted(found)
+
+
+def find_runs(folders: List[str]) -> List[RunLog]:
+    runs = []
+    for folder in folders:
+        records = sorted(glob.glob(os.path.join(folder, "**", "record.json"), recursive=True))
+        if records:
+            for path in records:
+                with open(path) as f:
+                    rec = json.load(f)
+                # the script's own TensorBoard folder(s) under the run's working directory (not earlier attempts)
+                dirs = tb_dirs(os.path.join(os.path.dirname(path), "runs"))
+                if len(dirs) > 1:
+                    print(f"warning: {rec['id']} has {len(dirs)} TensorBoard folders; using the newest", file=sys.stderr)
+                dirs.sort(key=lambda d: max(os.path.getmtime(p) for p in glob.glob(os.path.join(d, "events.out.tfevents.*"))))
+                runs.append(RunLog(rec["id"], rec["algorithm"], rec["task"], rec["sharing"], int(rec["seed"]), rec.get("status"),
+                                   rec.get("duration_s"), rec.get("command_line", ""), dirs[-1] if dirs else None))  # fmt: skip
+        else:
+            for d in tb_dirs(folder):
+                parts = os.path.basename(d).split("__")
+                if len(parts) != 5 or not parts[3].lstrip("-").isdigit():
+                    print(f"warning: skipping {d}: not a run folder named task__exp_name__sharing__seed__time", file=sys.stderr)
+                    continue
+                task, exp_name, sharing, seed, _ = parts
+                runs.append(RunLog(os.path.basename(d), algorithm_label(exp_name), task, sharing, int(seed), logdir=d))
+    for r in runs:
+        if r.logdir:
+            r.scalars = read_scalars(r.logdir)
+    return runs
+
+
+def table_metric(runs: List[RunLog], tag: Optional[str], stat: str):
+    """(tag, statistic) for a task's runs: win rate and median on SMAC, return and mean otherwise."""
+    if tag is None:
+        tag = "eval/win_rate" if any("eval/win_rate" in r.scalars for r in runs) else "eval/episodic_return"
+    if stat == "auto":
+        stat = "median" if "win_rate" in tag else "mean"
+    return tag, stat
+
+
+def final_value(series: np.ndarray, last: int) -> float:
+    return float(series[-last:, 1].mean())
+
+
+def value_at(series: np.ndarray, budget: float, tolerance: float) -> Optional[float]:
+    """The last value at or before `budget` (with slack), or None when the run did not get that far."""
+    if not len(series) or series[-1, 0] < budget * (1 - tolerance):
+        return None
+    before = series[series[:, 0] <= budget * (1 + tolerance)]
+    return float(before[-1, 1]) if len(before) else None
+
+
+def summarize(values: List[float], stat: str):
+    arr = np.asarray(values, dtype=np.float64)
+    centre = float(np.median(arr) if stat == "median" else np.mean(arr))
+    return centre, float(np.std(arr))  # std over seeds (ddof 0, as numpy and the MARL papers' code)
+
+
+def human_steps(steps: float) -> str:
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if steps >= div:
+            return f"{steps / div:g}{unit}"
+    return f"{steps:g}"
+
+
+def build_table(runs: List[RunLog], args: Args):
+    """Markdown lines of the tables, and notes on missing / incomplete runs."""
+    tasks = list(dict.fromkeys(r.task for r in runs))
+    algorithms = args.algorithms or list(dict.fromkeys(r.algorithm for r in runs))
+    sections, notes = {}, []
+    for task in tasks:
+        task_runs = [r for r in runs if r.task == task]
+        tag, stat = table_metric(task_runs, args.tag, args.stat)
+        percent = "win_rate" in tag
+        expected = sorted({r.seed for r in task_runs})
+        for sharing in sorted({r.sharing for r in task_runs}, key=lambda s: (SHARING_ORDER.get(s, 9), s)):
+            row_runs = [r for r in task_runs if r.sharing == sharing and r.algorithm in algorithms]
+            have = [r for r in row_runs if tag in r.scalars and len(r.scalars[tag])]
+            row_final = max((r.scalars[tag][-1, 0] for r in have), default=0)
+            for r in row_runs:
+                if r not in have:
+                    failed = f" (exit status {r.status})" if r.status not in (0, None) else ""
+                    notes.append(f"{r.run}: no `{tag}` logged{failed}")
+                elif r.scalars[tag][-1, 0] < row_final * (1 - args.tolerance):
+                    notes.append(f"{r.run}: incomplete, last `{tag}` at step {r.scalars[tag][-1, 0]:.0f} of {row_final:.0f}")
+                elif r.status not in (0, None):
+                    notes.append(f"{r.run}: exit status {r.status}, but its logs reach the final step: counted")
+            budgets = [(f"{human_steps(b)}", b) for b in args.at] + [(f"final ({human_steps(row_final)})", None)]
+            for label, budget in budgets:
+                cells = {}
+                for alg in algorithms:
+                    vals = []
+                    for r in have:
+                        if r.algorithm != alg:
+                            continue
+                        s = r.scalars[tag]
+                        if budget is None:
+                            v = final_value(s, args.last) if s[-1, 0] >= row_final * (1 - args.tolerance) else None
+                        else:
+                            v = value_at(s, budget, args.tolerance)
+                        if v is not None and math.isfinite(v):
+                            vals.append(v * (100 if percent else 1))
+                    cells[alg] = (summarize(vals, stat), len(vals)) if vals else (None, 0)
+                n_runs = {a: sum(r.algorithm == a for r in row_runs) for a in algorithms}
+                sections.setdefault((tag, stat), []).append((task, sharing, label, cells, len(expected), n_runs))
+    lines = []
+    for (tag, stat), rows in sections.items():
+        what = f"{stat} over seeds ± std" + (", in %" if "win_rate" in tag else "")
+        lines += [f"### `{tag}`: {what}", "", "| task | sharing | steps | " + " | ".join(algorithms) + " |",
+                  "|---|---|---|" + "---|" * len(algorithms)]  # fmt: skip
+        for task, sharing, label, cells, n_expected, n_runs in rows:
+            shown = {a: round(c[0][0], args.decimals) for a, c in cells.items() if c[0] is not None}
+            best = max(shown.values()) if shown else None
+            out = []
+            for alg in algorithms:
+                summary, n = cells[alg]
+                if summary is None:
+                    out.append(f"- (0/{n_expected} seeds)" if n_runs[alg] else "-")
+                    continue
+                text = f"{summary[0]:.{args.decimals}f} ± {summary[1]:.{args.decimals}f}"
+                text = f"**{text}**" if len(shown) > 1 and shown[alg] == best else text
+                out.append(text + (f" ({n}/{n_expected} seeds)" if n < n_expected else ""))
+            lines.append(f"| {task} | {sharing} | {label} | " + " | ".join(out) + " |")
+        lines.append("")
+    return lines, notes
+
+
+def curve(runs: List[RunLog], tag: str):
+    """Steps, mean, std, min, max over the runs' curves interpolated on a common grid (no extrapolation)."""
+    series = [r.scalars[tag] for r in runs if tag in r.scalars and len(r.scalars[tag])]
+    if not series:
+        return None
+    steps = np.unique(np.concatenate([s[:, 0] for s in series]))
+    if len(steps) > 400:
+        steps = np.linspace(steps[0], steps[-1], 400)
+    ys = np.full((len(series), len(steps)), np.nan)
+    for i, s in enumerate(series):
+        inside = (steps >= s[0, 0]) & (steps <= s[-1, 0])
+        ys[i, inside] = np.interp(steps[inside], s[:, 0], s[:, 1])
+    keep = ~np.isnan(ys).all(0)
+    ys, steps = ys[:, keep], steps[keep]
+    with np.errstate(invalid="ignore"):
+        return steps, np.nanmean(ys, 0), np.nanstd(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0), len(series)
+
+
+def plot_curves(runs: List[RunLog], args: Args) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    algorithms = args.algorithms or list(dict.fromkeys(r.algorithm for r in runs))
+    for task in dict.fromkeys(r.task for r in runs):
+        task_runs = [r for r in runs if r.task == task and r.algorithm in algorithms]
+        sharings = sorted({r.sharing for r in task_runs}, key=lambda s: (SHARING_ORDER.get(s, 9), s))
+        for tag in args.plot_tags or [table_metric(task_runs, args.tag, args.stat)[0]]:
+            fig, axes = plt.subplots(1, len(sharings), figsize=(4.2 * len(sharings), 3.4), sharey=True, squeeze=False)
+            drawn = False
+            for ax, sharing in zip(axes[0], sharings, strict=True):
+                for k, alg in enumerate(algorithms):
+                    c = curve([r for r in task_runs if r.sharing == sharing and r.algorithm == alg], tag)
+                    if c is None:
+                        continue
+                    steps, mean, std, lo, hi, n = c
+                    line = ax.plot(steps, mean, label=f"{alg} (n={n})", color=f"C{k}")[0]
+                    if args.band != "none":
+                        low, high = (mean - std, mean + std) if args.band == "std" else (lo, hi)
+                        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+                    drawn = True
+                ax.set_title(f"{task}, sharing {sharing}")
+                ax.set_xlabel("environment steps")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+            axes[0][0].set_ylabel(f"{tag} (mean, {'+- std' if args.band == 'std' else args.band})")
+            if drawn:
+                path = os.path.join(args.out_dir, f"curves_{task}__{re.sub(r'[^A-Za-z0-9]+', '_', tag)}.png")
+                fig.tight_layout()
+                fig.savefig(path, dpi=110)
+                written.append(path)
+            plt.close(fig)
+    return written
+
+
+def write_csvs(runs: List[RunLog], args: Args):
+    patterns = [re.compile(p) for p in args.csv_tags]
+    with open(os.path.join(args.out_dir, "scalars.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "algorithm", "sharing", "task", "seed", "step", "tag", "value"])
+        for r in runs:
+            for tag, s in sorted(r.scalars.items()):
+                if patterns and not any(p.search(tag) for p in patterns):
+                    continue
+                for step, value in s:
+                    w.writerow([r.run, r.algorithm, r.sharing, r.task, r.seed, int(step), tag, repr(float(value))])
+    with open(os.path.join(args.out_dir, "runs.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "algorithm", "sharing", "task", "seed", "status", "duration_s", "last_step", "logdir", "command"])
+        for r in runs:
+            labels = [r.run, r.algorithm, r.sharing, r.task, r.seed]
+            w.writerow(labels + [r.status, r.duration_s, r.last_step(), r.logdir, r.command])
+
+
+def main(args: Args, cli: Optional[List[str]] = None):
+    """`cli`: the command-line arguments, quoted in table.md."""
+    runs = find_runs(args.sweeps)
+    if not runs:
+        print(f"error: no runs found in {', '.join(args.sweeps)}", file=sys.stderr)
+        sys.exit(2)
+    runs.sort(key=lambda r: (r.task, SHARING_ORDER.get(r.sharing, 9), r.algorithm, r.seed))
+    os.makedirs(args.out_dir, exist_ok=True)
+    lines, notes = build_table(runs, args)
+    header = [args.title, ""] if args.title else []
+    header += [f"`python benchmark/report.py {shlex.join(cli if cli is not None else args.sweeps)}` on {len(runs)} runs "
+               f"({sum(r.status == 0 for r in runs)} finished with exit status 0).", ""]  # fmt: skip
+    footer = ["Notes:", ""] + [f"- {n}" for n in notes] + [""] if notes else []
+    with open(os.path.join(args.out_dir, "table.md"), "w") as f:
+        f.write("\n".join(header + lines + footer))
+    write_csvs(runs, args)
+    pngs = plot_curves(runs, args)
+    print("\n".join(lines + footer))
+    print(f"wrote {args.out_dir}/table.md, scalars.csv, runs.csv and {len(pngs)} plots")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args), sys.argv[1:])

@@ -1,0 +1,461 @@
+"""Tests of benchmark/: report.py on synthetic TensorBoard logs, sweep.py with a fake script (skip-finished runs,
+records, dry run, Slurm job array), throughput.py with fake scripts (SPS, rollout/update split, memory, ratios)."""
+import csv
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, describe, script_env
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmark" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report, sweep, throughput = load("report"), load("sweep"), load("throughput")
+
+
+def run_tool(tool, *args, cwd, env=None, timeout=120):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / tool), *map(str, args)], cwd=cwd, env=script_env(env),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return proc
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# report.py on synthetic logs
+# ---------------------------------------------------------------------------------------------------------------------
+EVAL_STEPS = list(range(10_000, 100_001, 10_000))
+# final values per (task, algorithm, sharing) and seed; curves rise linearly to them
+FINAL = {
+    ("2s3z", "fp3o", "full"): [1.0, 0.5, 0.6],  # median 0.6 (mean would be 0.7), std 0.216
+    ("2s3z", "mappo", "full"): [0.2, 0.3, 0.4],
+    ("2s3z", "fp3o", "none"): [0.9, 0.9, 0.9],
+    ("2s3z", "mappo", "none"): [0.9, 0.96, None],  # seed 3 crashed at 40k steps
+    ("HalfCheetah-6x1", "fp3o", "full"): [100.0, 200.0, 600.0],  # mean 300 (median would be 200), std 216.0
+    ("HalfCheetah-6x1", "mappo", "full"): [400.0, 500.0, 0.0],  # seed 3 has no log at all
+}
+
+
+def write_synthetic_sweep(folder: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for (task, alg, sharing), finals in FINAL.items():
+        for seed, final in enumerate(finals, start=1):
+            run_id = f"{alg}__{task}__{sharing}__{seed}"
+            cwd = folder / run_id
+            cwd.mkdir(parents=True)
+            crashed = final is None
+            no_log = task == "HalfCheetah-6x1" and alg == "mappo" and seed == 3
+            record = dict(id=run_id, algorithm=alg, task=task, sharing=sharing, seed=seed, status=1 if crashed or no_log else 0,
+                          duration_s=12.5, command_line=f"python {alg}_smac.py --seed {seed}")  # fmt: skip
+            (cwd / "record.json").write_text(json.dumps(record))
+            if no_log:
+                continue
+            tag = "eval/win_rate" if task == "2s3z" else "eval/episodic_return"
+            writer = SummaryWriter(str(cwd / "runs" / f"{task}__{alg}_smac__{sharing}__{seed}__1700000000"))
+            for step in EVAL_STEPS:
+                if crashed and step > 40_000:
+                    break
+                value = (0.5 if crashed else final) * step / EVAL_STEPS[-1]
+                writer.add_scalar(tag, value, step)
+                writer.add_scalar("charts/SPS", 1000 + seed, step)
+            writer.close()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synthetic_sweep")
+    write_synthetic_sweep(folder)
+    return folder
+
+
+def table_row(table: str, task: str, sharing: str, steps: str):
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[:2] == [task, sharing] and cells[2].startswith(steps):
+            return cells[3:]
+    raise AssertionError(f"no row {task}/{sharing}/{steps} in\n{table}")
+
+
+@pytest.fixture(scope="module")
+def reported(synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    report.main(report.Args(sweeps=[str(synthetic)], out_dir=str(out), at=[50_000]))
+    return out, (out / "table.md").read_text()
+
+
+def test_report_median_for_win_rates_mean_for_returns_std_and_bold(reported):
+    _, table = reported
+    # columns are the algorithms, alphabetically: fp3o, mappo
+    fp3o, mappo = table_row(table, "2s3z", "full", "final")
+    assert fp3o == "**60.0 ± 21.6**", table  # median in %, not the mean (70.0); std over seeds (ddof 0)
+    assert mappo == "30.0 ± 8.2", table
+    fp3o, mappo = table_row(table, "HalfCheetah-6x1", "full", "final")
+    assert fp3o.startswith("300.0 ± 216.0"), table  # mean, not the median (200.0)
+    assert "`eval/win_rate`: median" in table and "`eval/episodic_return`: mean" in table
+
+
+def test_report_marks_missing_and_incomplete_seeds(reported):
+    _, table = reported
+    fp3o, mappo = table_row(table, "2s3z", "none", "final")
+    assert fp3o == "90.0 ± 0.0" and mappo == "**93.0 ± 3.0** (2/3 seeds)", table  # seed 3 stopped at 40k of 100k
+    fp3o, mappo = table_row(table, "HalfCheetah-6x1", "full", "final")
+    assert fp3o == "300.0 ± 216.0" and mappo == "**450.0 ± 50.0** (2/3 seeds)", table  # seed 3 has no log
+    assert "mappo__2s3z__none__3: incomplete" in table
+    assert "mappo__HalfCheetah-6x1__full__3: no `eval/episodic_return` logged (exit status 1)" in table
+
+
+def test_report_values_at_step_budgets(reported):
+    _, table = reported
+    fp3o, mappo = table_row(table, "2s3z", "full", "50k")
+    assert fp3o == "**30.0 ± 10.8**" and mappo == "15.0 ± 4.1", table  # half of the final values
+    fp3o, mappo = table_row(table, "2s3z", "none", "50k")  # the crashed seed (40k) did not reach 50k either
+    assert fp3o == "45.0 ± 0.0" and mappo == "**46.5 ± 1.5** (2/3 seeds)", table
+
+
+def test_report_csv_and_plots(reported):
+    out, _ = reported
+    with open(out / "scalars.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["run", "algorithm", "sharing", "task", "seed", "step", "tag", "value"]
+    complete = sum(v is not None for finals in FINAL.values() for v in finals) - 1  # one run has no log at all
+    assert len(rows) == 2 * complete * len(EVAL_STEPS) + 2 * 4  # two tags each; the crashed run logged 4 steps
+    row = next(r for r in rows if r["run"] == "fp3o__2s3z__full__2" and r["tag"] == "eval/win_rate" and r["step"] == "100000")
+    assert (row["algorithm"], row["sharing"], row["task"], row["seed"]) == ("fp3o", "full", "2s3z", "2")
+    assert float(row["value"]) == pytest.approx(0.5)
+    with open(out / "runs.csv") as f:
+        runs = {r["run"]: r for r in csv.DictReader(f)}
+    assert runs["mappo__2s3z__none__3"]["status"] == "1" and runs["mappo__2s3z__none__3"]["last_step"] == "40000"
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["curves_2s3z__eval_win_rate.png", "curves_HalfCheetah-6x1__eval_episodic_return.png"]
+    assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_report_curve_mean_and_spread_without_extrapolation():
+    short = report.RunLog("a", "x", "t", "full", 1, scalars={"v": np.array([[0, 0.0], [10, 1.0]])})
+    long = report.RunLog("b", "x", "t", "full", 2, scalars={"v": np.array([[0, 1.0], [20, 3.0]])})
+    steps, mean, std, lo, hi, n = report.curve([short, long], "v")
+    assert n == 2 and list(steps) == [0, 10, 20]
+    np.testing.assert_allclose(mean, [0.5, 1.5, 3.0])  # at 20 only the long run counts
+    np.testing.assert_allclose(std, [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(hi - lo, [1.0, 1.0, 0.0])
+
+
+def test_report_cli_on_plain_runs_folder(tmp_path):
+    """No sweep records: labels come from the TensorBoard folder names (task__exp_name__sharing__seed__time)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for seed, value in ((1, 0.25), (2, 0.75)):
+        with SummaryWriter(str(tmp_path / "runs" / f"3m__fp3o_smac__partial__{seed}__17000000{seed}")) as w:
+            w.add_scalar("eval/win_rate", value, 3200)
+    proc = run_tool("report.py", tmp_path, "--out-dir", tmp_path / "out", "--stat", "mean", cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table_row(table, "3m", "partial", "final") == ["50.0 ± 25.0"], table
+    proc = run_tool("report.py", tmp_path / "nothing", cwd=tmp_path)
+    assert proc.returncode == 2 and "no runs found" in proc.stderr, describe(proc)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sweep.py with a fake script
+# ---------------------------------------------------------------------------------------------------------------------
+FAKE_TRAINER = '''
+"""Fake training script: records how it was called, writes one TensorBoard scalar, fails for seeds in fail_seeds.txt."""
+import argparse, json, os, sys, time
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+p = argparse.ArgumentParser()
+for flag in ("--map", "--sharing", "--seed", "--torch-threads", "--total-timesteps", "--wandb-project-name"):
+    p.add_argument(flag)
+p.add_argument("--no-progress-bar", action="store_true")
+p.add_argument("--track", action="store_true")
+a = p.parse_args()
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "calls.jsonl"), "a") as f:
+    f.write(json.dumps(dict(argv=sys.argv[1:], cwd=os.getcwd(), omp=os.environ.get("OMP_NUM_THREADS"),
+                            tags=os.environ.get("WANDB_TAGS"), group=os.environ.get("WANDB_RUN_GROUP"))) + "\\n")
+w = EventFileWriter(f"runs/{a.map}__fake_smac__{a.sharing}__{a.seed}__{int(time.time())}")
+value = summary_pb2.Summary.Value(tag="eval/win_rate", simple_value=int(a.seed) / 10)
+w.add_event(event_pb2.Event(wall_time=time.time(), step=1000, summary=summary_pb2.Summary(value=[value])))
+w.close()
+print(f"trained seed {a.seed}")
+fail = open(os.path.join(here, "fail_seeds.txt")).read().split() if os.path.exists(os.path.join(here, "fail_seeds.txt")) else []
+sys.exit(1 if a.seed in fail else 0)
+'''
+
+
+@pytest.fixture()
+def fake(tmp_path):
+    script = tmp_path / "scripts" / "fake_smac.py"
+    script.parent.mkdir()
+    script.write_text(FAKE_TRAINER)
+    return script
+
+
+def calls(fake):
+    path = fake.parent / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def records(out):
+    return {p.parent.name: json.loads(p.read_text()) for p in Path(out).glob("*/record.json")}
+
+
+def test_sweep_runs_records_and_skips_finished_runs(fake, tmp_path):
+    out = tmp_path / "sweep"
+    common = ["--scripts", fake, "--tasks", "2s3z", "--sharing", "full", "none", "--seeds", "1", "2", "--out", out,
+              "--args=--total-timesteps 1000"]  # fmt: skip
+    (fake.parent / "fail_seeds.txt").write_text("2")
+    proc = run_tool("sweep.py", *common, "--workers", "2", cwd=tmp_path)
+    assert proc.returncode == 1 and "2 ok, 2 failed" in proc.stdout, describe(proc)
+    recs = records(out)
+    assert sorted(recs) == ["fake__2s3z__full__1", "fake__2s3z__full__2", "fake__2s3z__none__1", "fake__2s3z__none__2"]
+    for run_id, rec in recs.items():
+        alg, task, sharing, seed = run_id.split("__")
+        assert (rec["algorithm"], rec["task"], rec["sharing"], rec["seed"]) == (alg, task, sharing, int(seed))
+        assert rec["status"] == (1 if seed == "2" else 0) and rec["state"] == ("failed" if seed == "2" else "finished")
+        assert rec["duration_s"] >= 0 and rec["attempt"] == 1
+        assert rec["command"][:2] == [sys.executable, str(fake)]
+        assert rec["command"][2:] == ["--map", "2s3z", "--sharing", sharing, "--seed", seed, "--total-timesteps", "1000",
+                                      "--torch-threads", "1", "--no-progress-bar"]  # fmt: skip
+        assert rec["cwd"] == str(out / run_id)
+        log = Path(rec["log"]).read_text()
+        assert log.startswith("$ ") and f"trained seed {seed}" in log
+        assert len(list((out / run_id / "runs").glob("*/events.out.tfevents.*"))) == 1  # the run's logs in its folder
+    first = calls(fake)
+    assert len(first) == 4 and {c["omp"] for c in first} == {"1"} and {c["cwd"] for c in first} == {str(out / r) for r in recs}
+
+    (fake.parent / "fail_seeds.txt").write_text("")
+    proc = run_tool("sweep.py", *common, cwd=tmp_path)
+    assert proc.returncode == 0 and "2 finished before, 2 to run" in proc.stdout, describe(proc)
+    again = calls(fake)[4:]
+    assert sorted(c["argv"][5] for c in again) == ["2", "2"]  # only the failed runs ran again
+    recs = records(out)
+    assert recs["fake__2s3z__full__2"]["status"] == 0 and recs["fake__2s3z__full__2"]["attempt"] == 2
+    assert recs["fake__2s3z__full__1"]["attempt"] == 1
+    rerun = out / "fake__2s3z__full__2"
+    assert (rerun / "runs.attempt1").is_dir() and (rerun / "log.attempt1.txt").is_file()  # the failed attempt, kept aside
+    assert len(list((rerun / "runs").glob("*"))) == 1  # the report reads one TensorBoard folder per run
+
+    proc = run_tool("sweep.py", *common, cwd=tmp_path)
+    assert proc.returncode == 0 and "4 finished before, 0 to run" in proc.stdout, describe(proc)
+    assert len(calls(fake)) == 6
+    proc = run_tool("sweep.py", *common, "--seeds", "1", "--sharing", "full", "--force", cwd=tmp_path)
+    assert proc.returncode == 0 and len(calls(fake)) == 7, describe(proc)
+
+    out_report = tmp_path / "report"
+    report.main(report.Args(sweeps=[str(out)], out_dir=str(out_report)))
+    table = (out_report / "table.md").read_text()
+    assert table_row(table, "2s3z", "full", "final") == ["15.0 ± 5.0"], table  # seeds 1, 2: win rates 0.1, 0.2
+
+
+def test_sweep_dry_run_track_and_template(fake, tmp_path):
+    out = tmp_path / "sweep"
+    task = "5m_vs_6m=--map 5m_vs_6m --clip-coef 0.05"
+    proc = run_tool("sweep.py", "--scripts", f"fp3o-x={fake} --double-clip", "--tasks", task, "--sharing", "partial",
+                    "--seeds", "7", "--out", out, "--dry-run", "--track", "--wandb-project-name", "study",
+                    "--args=--torch-threads 4", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, describe(proc)
+    assert not calls(fake) and not out.exists(), "a dry run runs nothing"
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("[run ]"))
+    assert f"{out}/fp3o-x__5m_vs_6m__partial__7 &&" in line
+    assert "WANDB_TAGS=fp3o-x,partial,5m_vs_6m WANDB_RUN_GROUP=5m_vs_6m__fp3o-x__partial" in line
+    command = line.split("WANDB_RUN_GROUP=5m_vs_6m__fp3o-x__partial ", 1)[1].rstrip(")")
+    assert command == (f"{sys.executable} {fake} --double-clip --map 5m_vs_6m --clip-coef 0.05 --sharing partial --seed 7 "
+                       "--torch-threads 4 --no-progress-bar --track --wandb-project-name study")  # fmt: skip
+    assert command.count("--torch-threads") == 1  # the template's own thread count wins
+
+    proc = run_tool("sweep.py", "--scripts", fake, "--tasks", "2s3z", "--sharing", "full", "--seeds", "1", "1", "--out", out,
+                    "--dry-run", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr, describe(proc)
+    proc = run_tool("sweep.py", "--scripts", "no_such_script.py", "--out", out, "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2 and "no_such_script.py" in proc.stderr, describe(proc)
+
+
+def test_sweep_slurm_job_array(fake, tmp_path):
+    out = tmp_path / "sweep"
+    common = ["--scripts", fake, "--tasks", "2s3z", "--sharing", "full", "none", "--seeds", "1", "2", "--out", out]
+    proc = run_tool("sweep.py", *common, "--sharing", "full", "--seeds", "1", cwd=tmp_path)  # one run finishes locally
+    assert proc.returncode == 0, describe(proc)
+    proc = run_tool("sweep.py", *common, "--slurm", "--slurm-parallel", "2", "--slurm-name", "study",
+                    "--slurm-partition", "cpu", "--slurm-directives=--account=abc", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0 and "sbatch" in proc.stdout, describe(proc)
+    assert len(calls(fake)) == 1, "--slurm runs nothing"
+    sbatch = (out / "slurm" / "study.sbatch").read_text()
+    run_list = json.loads((out / "slurm" / "study.json").read_text())
+    assert sbatch.startswith("#!/bin/bash\n")
+    directives = re.findall(r"^#SBATCH (.*)$", sbatch, re.M)
+    assert "--array=0-2%2" in directives  # three unfinished runs, at most two at a time
+    assert {"--job-name=study", "--cpus-per-task=2", "--partition=cpu", "--account=abc"} <= set(directives)
+    assert f"--output={out}/slurm/study_%a.out" in directives
+    assert [r["id"] for r in run_list["runs"]] == ["fake__2s3z__none__1", "fake__2s3z__full__2", "fake__2s3z__none__2"]
+    dry = run_tool("sweep.py", *common, "--dry-run", cwd=tmp_path).stdout
+    for i, run in enumerate(run_list["runs"]):  # every array task runs the command the local runner would
+        command = " ".join(run["command"])
+        assert f"#   {i}: {run['id']}: {command}" in sbatch
+        assert any(f"/{run['id']} && " in line and line.endswith(f" {command})") for line in dry.splitlines()), dry
+    assert re.search(r'--run-list \S+study\.json --run-index "\$SLURM_ARRAY_TASK_ID"$', sbatch.strip())
+    # an #SBATCH script is a bash script: run array task 1 here
+    proc = subprocess.run(["bash", str(out / "slurm" / "study.sbatch")], env=script_env({"SLURM_ARRAY_TASK_ID": "1"}),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, describe(proc)
+    assert calls(fake)[-1]["argv"] == run_list["runs"][1]["command"][2:]
+    assert calls(fake)[-1]["cwd"] == str(out / "fake__2s3z__full__2")
+    assert records(out)["fake__2s3z__full__2"]["status"] == 0
+    proc = subprocess.run(["bash", str(out / "slurm" / "study.sbatch")], env=script_env({"SLURM_ARRAY_TASK_ID": "1"}),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and "skipped" in proc.stdout and len(calls(fake)) == 2, describe(proc)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# throughput.py with fake scripts
+# ---------------------------------------------------------------------------------------------------------------------
+FAKE_SMAC = '''
+"""Fake SMAC script for benchmark/throughput.py: a SMAX-like make_envs and a training loop with known timings."""
+import argparse, os, sys, time
+from dataclasses import dataclass
+
+UPDATE = {UPDATE}  # seconds per iteration that it logs as update time (x2 without sharing)
+MEGABYTES = {MEGABYTES}  # memory it holds while "training" (x2 without sharing)
+
+
+@dataclass
+class Args:
+    num_envs: int = 4
+    num_steps: int = 5
+
+
+class FakeEnvs:
+    def __init__(self, num_envs):
+        import torch
+
+        self.num_envs = num_envs
+        self.avail = torch.zeros(num_envs, 3, 6, dtype=torch.bool)
+        self.avail[..., 1::2] = True  # only odd actions are available
+
+    def reset(self, seed):
+        return dict(avail=self.avail)
+
+    def step(self, actions):
+        assert actions.shape == (self.num_envs, 3), actions.shape
+        assert self.avail.gather(-1, actions[..., None]).all(), "an unavailable action"
+        time.sleep(0.002)
+        return dict(avail=self.avail)
+
+
+def make_envs(backend, map_name, num_envs, seed, device):
+    assert backend == "smax" and map_name == "2s3z", (backend, map_name)
+    return FakeEnvs(num_envs)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    for flag in ("--map", "--sharing", "--seed", "--num-envs", "--num-steps", "--total-timesteps", "--eval-interval"):
+        p.add_argument(flag)
+    p.add_argument("--torch-threads")
+    p.add_argument("--no-progress-bar", action="store_true")
+    a = p.parse_args()
+    factor = 2 if a.sharing == "none" else 1
+    ballast = b"x" * (MEGABYTES * factor << 20)
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    w = EventFileWriter(f"runs/{{a.map}}__fake__{{a.sharing}}__{{a.seed}}__0")
+    batch = int(a.num_envs) * int(a.num_steps)
+    for i in range(1, int(a.total_timesteps) // batch + 1):
+        warm = i <= 2  # compilation: left out by --skip 2
+        times = (("charts/rollout_time", 5.0 if warm else 0.1), ("charts/update_time", 5.0 if warm else UPDATE * factor))
+        for tag, value in times:
+            v = summary_pb2.Summary.Value(tag=tag, simple_value=value)
+            w.add_event(event_pb2.Event(wall_time=time.time(), step=i * batch, summary=summary_pb2.Summary(value=[v])))
+    w.close()
+'''
+
+
+def test_throughput_table_with_fake_scripts(tmp_path):
+    for name, update, megabytes in (("fp3o_smac.py", 0.3, 150), ("mappo_smac.py", 0.1, 100)):
+        (tmp_path / name).write_text(FAKE_SMAC.format(UPDATE=update, MEGABYTES=megabytes))
+    out = tmp_path / "throughput.md"
+    args = throughput.Args(scripts=[str(tmp_path / "fp3o_smac.py"), str(tmp_path / "mappo_smac.py"), "no_such_mpe.py"],
+                           sharing=["full", "none"], iterations=5, skip=2, raw_steps=25, out=str(out))  # fmt: skip
+    throughput.main(args)
+    table = out.read_text()
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0].endswith("_smac.py"):
+            rows[cells[0], cells[2]] = cells
+    assert set(rows) == {(s, m) for s in ("fp3o_smac.py", "mappo_smac.py") for m in ("full", "none")}, table
+    batch = 4 * 5  # the scripts' own num_envs x num_steps
+    expect = {("fp3o_smac.py", "full"): 0.3, ("fp3o_smac.py", "none"): 0.6,  # update seconds per iteration
+              ("mappo_smac.py", "full"): 0.1, ("mappo_smac.py", "none"): 0.2}  # fmt: skip
+    for key, update in expect.items():
+        _, task, _, envs, sps, raw, ratio, rollout, upd, share, peak, via = rows[key]
+        assert task == "`--map 2s3z`" and envs == "4 x 5"
+        assert float(sps) == pytest.approx(batch / (0.1 + update), abs=0.6), table  # warm-up iterations left out
+        assert (float(rollout), float(upd)) == pytest.approx((0.1, update)), table
+        assert share == f"{update / (0.1 + update):.0%}"
+        assert 0 < float(raw) <= 4 / 0.002 and via == "script's SMAX wrapper", table  # 4 envs per 2 ms sleep at most
+        megabytes = (150 if key[0] == "fp3o_smac.py" else 100) * (2 if key[1] == "none" else 1)
+        assert megabytes < float(peak) < megabytes + 600, table
+    peak = {k: float(v[10]) for k, v in rows.items()}
+    assert peak["fp3o_smac.py", "none"] - peak["fp3o_smac.py", "full"] == pytest.approx(150, abs=40)
+    assert "| smac | full | FP3O / MAPPO | 2.00 |" in table  # (0.1 + 0.3) / (0.1 + 0.1)
+    assert "| smac | none | FP3O / MAPPO | 2.33 |" in table  # 0.7 / 0.3
+    assert "| smac | fp3o | none / full | 1.75 |" in table and "| smac | mappo | none / full | 1.50 |" in table
+    assert "`no_such_mpe.py`: not in this checkout yet, not measured" in table
+
+
+def test_throughput_reports_a_failing_run(tmp_path):
+    broken = tmp_path / "broken_smac.py"
+    main = 'if __name__ == "__main__":'
+    broken.write_text(FAKE_SMAC.format(UPDATE=0.1, MEGABYTES=1).replace(main, main + '\n    sys.exit("error: boom")'))
+    out = tmp_path / "t.md"
+    throughput.main(throughput.Args(scripts=[str(broken)], sharing=["full"], iterations=3, skip=1, raw_steps=5, out=str(out)))
+    table = out.read_text()
+    assert "| broken_smac.py | `--map 2s3z` | full | 4 x 5 | failed |" in table
+    assert "`broken_smac.py` sharing full: run failed (exit 1): error: boom" in table
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# recipes (dry runs: the commands only)
+# ---------------------------------------------------------------------------------------------------------------------
+def recipe_commands(recipe, *flags):
+    proc = subprocess.run(["bash", str(ROOT / "benchmark" / "recipes" / recipe), "--dry-run", *flags], env=script_env(),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, describe(proc)
+    return [line for line in proc.stdout.splitlines() if line.startswith(("[run ]", "[done]"))]
+
+
+def test_recipe_table2_smac_budgets():
+    quick = recipe_commands("fp3o_table2_smac.sh", "--quick")
+    assert len(quick) == 3 * 3 * 2 and all("--map 2s3z" in c and "--total-timesteps 320000" in c for c in quick)
+    assert {re.search(r"/(\w+)_smac\.py", c).group(1) for c in quick} == {"fp3o", "mappo", "happo"}
+    full = recipe_commands("fp3o_table2_smac.sh")
+    assert len(full) == 3 * 3 * 3 * 5  # maps x sharing modes x algorithms x seeds
+    steps = {}
+    for c in full:
+        key = re.search(r"--map (\w+) ", c).group(1), re.search(r"--sharing (\w+) ", c).group(1)
+        steps.setdefault(key, set()).add(int(re.search(r"--total-timesteps (\d+)", c).group(1)))
+    e5 = {"3s5z": (5e6, 5e6, 5e6), "5m_vs_6m": (8e6, 10e6, 10e6), "6h_vs_8z": (10e6, 15e6, 20e6)}  # table E.5
+    assert steps == {(m, s): {int(n)} for m, row in e5.items() for s, n in zip(("full", "partial", "none"), row, strict=True)}
+    assert all("--clip-coef 0.05" in c for c in full if "--map 5m_vs_6m" in c)
+    assert all("--actor mlp" in c for c in full if "--map 6h_vs_8z" in c)
+
+
+def test_recipe_table1_mamujoco_tasks():
+    if not (ROOT / "fp3o_mamujoco.py").exists():
+        pytest.skip("fp3o_mamujoco.py is not in this checkout")
+    full = recipe_commands("fp3o_table1_mamujoco.sh")
+    assert len(full) % (6 * 3 * 5) == 0 and all("--total-timesteps 10000000" in c for c in full)
+    for scenario, conf, clip in (("Walker2d", "2x3", "0.05"), ("Hopper", "3x1", "0.05"), ("ManySegmentSwimmer", "8x2", "0.2")):
+        assert any(f"--scenario {scenario} --agent-conf {conf} --clip-coef {clip} " in c for c in full)
