@@ -374,8 +374,10 @@ class AgentLinear(nn.Module):
         for i in range(copies):  # orthogonal init of each copy, as in MAPPO
             nn.init.orthogonal_(self.weight.data[i].T, gain)
 
-    def forward(self, x):  # x: [N, B, in] -> [N, B, out]
-        return torch.baddbmm(self.bias, x, self.weight) if self.weight.shape[0] > 1 else x @ self.weight[0] + self.bias[0]
+    def forward(self, x, agents=slice(None)):  # x: [N, B, in] -> [N, B, out]; `agents`: whose rows x holds
+        if self.weight.shape[0] == 1:
+            return x @ self.weight[0] + self.bias[0]
+        return torch.baddbmm(self.bias[agents], x, self.weight[agents])
 
 
 class AgentGRU(nn.Module):
@@ -385,9 +387,9 @@ class AgentGRU(nn.Module):
         super().__init__()
         self.x2h, self.h2h = AgentLinear(copies, n_in, 3 * hidden, 1.0), AgentLinear(copies, hidden, 3 * hidden, 1.0)
 
-    def forward(self, gx, h):  # gx = self.x2h(x), precomputed for whole sequences
+    def forward(self, gx, h, agents=slice(None)):  # gx = self.x2h(x), precomputed for whole sequences
         xr, xz, xn = gx.chunk(3, -1)
-        hr, hz, hn = self.h2h(h).chunk(3, -1)
+        hr, hz, hn = self.h2h(h, agents).chunk(3, -1)
         r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
         return (1 - z) * torch.tanh(xn + r * hn) + z * h
 
@@ -410,30 +412,31 @@ class AgentNet(nn.Module):
         self.gru = AgentGRU(trunk, hidden, hidden) if recurrent else None
         self.head = AgentLinear(head, hidden, n_out, out_gain)
 
-    def forward(self, x, h=None, starts=None):
+    def forward(self, x, h=None, starts=None, agents=slice(None)):
         """x [T, N, B, in] (agents second), h [N, B, H], starts [T, B]: 1 where an episode begins
-        (the GRU state is reset there). Returns [T, N, B, out] and the last hidden state."""
+        (the GRU state is reset there); `agents`: a slice of the agents, when x holds only theirs.
+        Returns [T, N, B, out] and the last hidden state."""
         T, N, B, _ = x.shape
         x = x.transpose(0, 1).reshape(N, T * B, -1)
         if self.agent_id:
-            x = torch.cat([x, torch.eye(N, device=x.device)[:, None].expand(N, T * B, N)], -1)
-        x = torch.relu(self.fc2(torch.relu(self.fc1(x))))
+            x = torch.cat([x, torch.eye(self.n_agents, device=x.device)[agents, None].expand(N, T * B, -1)], -1)
+        x = torch.relu(self.fc2(torch.relu(self.fc1(x, agents)), agents))
         if self.gru is not None:
             outs, keep = [], (1 - starts).view(T, 1, B, 1).unbind(0)
-            for t, gx in enumerate(self.gru.x2h(x).view(N, T, B, -1).unbind(1)):  # unbind: cheap backward
-                h = self.gru(gx, h * keep[t])
+            for t, gx in enumerate(self.gru.x2h(x, agents).view(N, T, B, -1).unbind(1)):  # unbind: cheap backward
+                h = self.gru(gx, h * keep[t], agents)
                 outs.append(h)
             x = torch.stack(outs, 1).view(N, T * B, -1)
-        return self.head(x).view(N, T, B, -1).transpose(0, 1), h
+        return self.head(x, agents).view(N, T, B, -1).transpose(0, 1), h
 
 
 def masked_logits(logits, avail):
     return logits.masked_fill(~avail, -1e10)  # unavailable actions: logit -1e10
 
 
-def evaluate_actions(actor, obs, avail, actions, h0, starts):
+def evaluate_actions(actor, obs, avail, actions, h0, starts, agents=slice(None)):
     """Log-probabilities and entropies of stored actions under the current actor, [T, N, B]."""
-    logits, _ = actor(obs, h0, starts)
+    logits, _ = actor(obs, h0, starts, agents)
     dist = torch.distributions.Categorical(logits=masked_logits(logits, avail), validate_args=False)  # checks cost ~5%
     return dist.log_prob(actions), dist.entropy()
 
@@ -551,19 +554,18 @@ def happo_turn(actor, critic, opts, b, factor, agent, per_agent, args):
     its own critic (V(s), on that agent's buffer) after each actor step, so over a whole iteration the
     critic sees every sample `update_epochs` times, as in MAPPO. `per_agent`: (actor's, critic's)
     per-agent parameters, whose other agents' slices stay bit-for-bit unchanged."""
-    B = b["obs"].shape[2]
-    own = (torch.arange(b["obs"].shape[1], device=factor.device) == agent).float().view(1, -1, 1)
+    B, sel = b["obs"].shape[2], slice(agent, agent + 1)  # only this agent's samples go through the networks
     stats = []
     for _ in range(args.update_epochs):
         for mb in torch.randperm(B).chunk(args.num_minibatches):
-            m = {k: v[:, :, mb] if v.dim() >= 3 else v[:, mb] for k, v in b.items() if k != "h0"}
-            logp, entropy = evaluate_actions(actor, m["obs"], m["avail"], m["actions"], b["h0"][:, mb], m["starts"])
+            m = {k: v[:, sel][:, :, mb] if v.dim() >= 3 else v[:, mb] for k, v in b.items() if k != "h0"}
+            logp, entropy = evaluate_actions(actor, m["obs"], m["avail"], m["actions"], b["h0"][sel][:, mb], m["starts"], sel)
             ratio = (logp - m["logp"]).exp()
             obj = happo_objective(ratio, m["adv"], factor[:, None, mb], args.clip_coef)
-            act = m["active"] * own
+            act = m["active"]
             n_act = act.sum().clamp(min=1)  # this agent's own mean: its network's gradient, whatever the sharing
             pg_loss, ent = -(obj * act).sum() / n_act, (entropy * act).sum() / n_act
-            new_values = critic(m["state"])[0].squeeze(-1)
+            new_values = critic(m["state"], agents=sel)[0].squeeze(-1)
             v_loss = value_loss_fn(new_values, m["values"], m["returns_n"], act / n_act, args.clip_coef, args.huber_delta)
             for opt, loss, net, params in ((opts[0], pg_loss - args.ent_coef * ent, actor, per_agent[0]),
                                            (opts[1], args.vf_coef * v_loss, critic, per_agent[1])):  # fmt: skip
