@@ -1,0 +1,799 @@
+"""A2PO (Agent-by-agent Policy Optimization) on SMAC maps: SMAX (JaxMARL, no StarCraft II needed), SMAC and SMACv2.
+
+Paper: Wang et al., "Order Matters: Agent-by-agent Policy Optimization" (ICLR 2023), eq. 2 (PreOPC), eq. 6, Algorithms
+1 and 2; a baseline of FP3O (appendix F.3). One iteration: roll out pi_k -> a semi-greedy agent order, whose blocks take
+turns on PPO-clip with eps_k (growing with the position) on r^i times the preceding agents' current joint ratio rho
+clipped to 1 +- eps_k / 2, with advantages traced anew before each turn with weights min(1, rho) (PreOPC).
+
+Usage: python a2po_smac.py --map 6h_vs_8z --sharing none --seed 3
+"""
+import contextlib
+import glob
+import multiprocessing as mp
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "fp3o"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    save_model: bool = False
+    """whether to save a checkpoint to `runs/{run_name}/checkpoint.pt` (every `checkpoint_interval` iterations)"""
+    checkpoint_interval: int = 20
+    """iterations between checkpoints when `--save-model` is on"""
+    resume: Optional[str] = None
+    """path of a checkpoint to continue from exactly (implies `--save-model`)"""
+    eval_only: bool = False
+    """with `--resume`: only evaluate the loaded model and exit"""
+    eval_interval: int = 25
+    """iterations between evaluations (0 disables evaluation)"""
+    eval_episodes: int = 32
+    """deterministic episodes per evaluation (the paper uses 32)"""
+    progress_bar: bool = True
+    """show a progress bar with steps, SPS and the latest win rate"""
+    torch_threads: int = 0
+    """CPU threads for torch; 0 keeps torch's default (all cores). Use 1 when several runs share a machine"""
+
+    map: str = "2s3z"
+    """SMAC map (SMAX: 2s3z, 3s5z, 6h_vs_8z, smacv2_10_units, ...; SMACv2: protoss_5_vs_5, ...)"""
+    env_backend: Literal["auto", "smax", "smac", "smacv2"] = "auto"
+    """auto: the real game when installed, else SMAX (JaxMARL)"""
+    total_timesteps: int = 1_000_000
+    """total environment steps of the experiment"""
+    num_envs: int = 128
+    """the number of parallel environments (SMAX: one jitted call steps them all, so use many)"""
+    num_steps: int = 25
+    """steps per environment per rollout (128 x 25 = 3,200, the paper's batch)"""
+
+    sharing: Literal["full", "partial", "none"] = "full"
+    """parameter sharing: full (one network), partial (actor: shared trunk, per-agent last layer; shared critic), none"""
+    actor: Literal["rnn", "mlp"] = "rnn"
+    """actor network: GRU after two ReLU layers, or an MLP"""
+    hidden_size: int = 64
+    """width of every hidden layer and of the GRU"""
+    learning_rate: float = 5e-4
+    """the learning rate of the actor optimizer"""
+    critic_learning_rate: float = 5e-4
+    """the learning rate of the critic optimizer"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    num_minibatches: int = 1
+    """the number of mini-batches (split over environments; whole sequences for the GRU)"""
+    update_epochs: int = 5
+    """epochs of each turn (Algorithm 1 line 10); a shared actor: ceil(epochs / blocks) rounds of 1 epoch a turn (Algorithm 2)"""
+    clip_coef: float = 0.2
+    """the base clipping coefficient eps (also clips the value function)"""
+    ent_coef: float = 0.01
+    """coefficient of the entropy"""
+    vf_coef: float = 1.0
+    """coefficient of the value function"""
+    huber_delta: float = 10.0
+    """delta of the critic's Huber loss"""
+    max_grad_norm: float = 10.0
+    """the maximum norm for the gradient clipping"""
+
+    order: Literal["semi-greedy", "random", "fixed"] = "semi-greedy"
+    """agent order of each iteration: semi-greedy (section 4: largest mean |A^i| and a random agent in turn), random, 0..n-1"""
+    preopc: bool = True
+    """preceding-agent off-policy correction of the advantages (eq. 2); --no-preopc uses the rollout's GAE for every turn"""
+    clip_adapt_coef: float = 0.5
+    """c of the adaptive clipping parameter eps_k = eps * c + eps * (1 - c) * k / n (section 4; 1 = the same eps for all)"""
+    num_blocks: int = 0
+    """blocks of the order updated together, in turn (appendix B.3); 0: one agent per block (Algorithm 1)"""
+
+
+def fail(message: str):
+    """One clear line on stderr and a non-zero exit, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Environments. Every backend: reset(seed) -> dict(obs [E,N,O], state [E,N,S], avail [E,N,A],
+# active [E,N]); step(actions [E,N]) -> the same plus reward, terminated, truncated [E] and, per
+# env that finished an episode (`done`), its ep_return, ep_length, ep_won. Finished envs reset
+# themselves; dead agents keep `active` 0 and may only take the idle action.
+# ----------------------------------------------------------------------------------------------
+ENV_KEYS = ("obs", "state", "avail", "active", "reward", "terminated", "ep_return", "ep_length", "ep_won")
+SMACV2_RACES = {  # smacv2's published capability configs (configs/sc2_gen_*.yaml)
+    "protoss": (["stalker", "zealot", "colossus"], ["colossus"]),
+    "terran": (["marine", "marauder", "medivac"], ["medivac"]),
+    "zerg": (["zergling", "hydralisk", "baneling"], ["baneling"]),
+}
+SMACV2_SIZES = [(5, 5), (10, 10), (10, 11), (20, 20), (20, 23)]
+SMACV2_SCENARIOS = [f"{r}_{a}_vs_{e}" for r in SMACV2_RACES for a, e in SMACV2_SIZES]
+
+
+def sc2_path() -> Optional[str]:
+    path = os.environ.get("SC2PATH", os.path.expanduser("~/StarCraftII"))
+    return path if os.path.isdir(os.path.join(path, "Versions")) else None
+
+
+def sc2_build() -> Optional[str]:
+    path = sc2_path()
+    builds = sorted(glob.glob(os.path.join(path, "Versions", "Base*"))) if path else []
+    return os.path.basename(builds[-1])[4:] if builds else None
+
+
+def importable(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except Exception:
+        return False
+
+
+def choose_backend(requested: str, map_name: str) -> str:
+    if requested != "auto":
+        return requested
+    real_game = "smacv2" if map_name in SMACV2_SCENARIOS else "smac"
+    return real_game if sc2_path() and importable(f"{real_game}.env") else "smax"
+
+
+def import_smax():
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # jaxmarl prints on import (and swaps sys.stdout): silence file descriptor 1
+    try:
+        import jax
+        from jaxmarl.environments import smax
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved), os.close(devnull)
+    return jax, smax
+
+
+class SmaxEnvs:
+    """JaxMARL's HeuristicEnemySMAX, all envs in one jitted vmapped step that also auto-resets and
+    stacks arrays; they reach torch through DLPack without copies (read-only: never write into them).
+    state[i] = concat(world state, obs of agent i): the agent-specific global state."""
+
+    def __init__(self, map_name: str, num_envs: int, device: torch.device):
+        jax, smax = import_smax()
+        jnp, self.jax, self.device, self.num_envs = jax.numpy, jax, device, num_envs
+        env = smax.HeuristicEnemySMAX(scenario=smax.map_name_to_scenario(map_name))
+        self.n_agents, self.n_actions, self.idle_action = env.num_agents, env.num_ally_actions, 4
+        self.obs_dim, self.state_dim = env.obs_size, env.state_size + env.obs_size
+        names = env.agents
+
+        def pack(obs, st):
+            o = jnp.stack([obs[a] for a in names])
+            s = jnp.concatenate([jnp.broadcast_to(obs["world_state"], (len(names), env.state_size)), o], -1)
+            avail = jnp.stack(list(env.get_avail_actions(st).values())).astype(jnp.bool_)
+            return o, s, avail, st.state.unit_alive[: env.num_agents]
+
+        def reset_one(key):
+            key, k = jax.random.split(key)
+            obs, st = env.reset(k)
+            return (key, st, jnp.float32(0), jnp.int32(0)), pack(obs, st)
+
+        def step_one(carry, action):
+            key, st, ep_ret, ep_len = carry
+            key, k_step, k_reset = jax.random.split(key, 3)
+            obs, st, rew, dones, _ = env.step_env(k_step, st, {a: action[i] for i, a in enumerate(names)})
+            done, alive = dones["__all__"], st.state.unit_alive
+            won = done & ~alive[env.num_agents :].any() & alive[: env.num_agents].any()
+            ep_ret, ep_len = ep_ret + rew[names[0]], ep_len + 1
+            obs_re, st_re = env.reset(k_reset)
+            st = jax.tree.map(lambda x, y: jnp.where(done, x, y), st_re, st)
+            obs = jax.tree.map(lambda x, y: jnp.where(done, x, y), obs_re, obs)
+            out = (*pack(obs, st), rew[names[0]], done, ep_ret, ep_len, won)
+            return (key, st, jnp.where(done, 0.0, ep_ret), jnp.where(done, 0, ep_len)), out
+
+        self._reset = jax.jit(jax.vmap(reset_one))
+        self._step = jax.jit(jax.vmap(step_one))
+
+    def _torch(self, x):
+        return torch.from_dlpack(x).to(self.device)
+
+    def reset(self, seed: int):
+        keys = self.jax.random.split(self.jax.random.PRNGKey(seed), self.num_envs)
+        self.carry, (o, s, avail, active) = self._reset(keys)
+        return dict(obs=self._torch(o), state=self._torch(s), avail=self._torch(avail), active=self._torch(active))
+
+    def step(self, actions: torch.Tensor):
+        acts = self.jax.dlpack.from_dlpack(actions.to(torch.int32).cpu().contiguous())
+        self.carry, out = self._step(self.carry, acts)
+        res = {k: self._torch(v) for k, v in zip(ENV_KEYS, out, strict=True)}
+        res["truncated"] = torch.zeros_like(res["terminated"])  # a battle's time limit is terminal
+        res["done"] = res["terminated"]
+        return res
+
+    def get_state(self):  # for exact resume
+        return self.jax.device_get(self.carry)
+
+    def set_state(self, carry):
+        self.carry = self.jax.tree.map(self.jax.numpy.asarray, carry)
+
+    def close(self):
+        pass
+
+
+def make_sc2_env(backend: str, map_name: str, seed: int):
+    """One StarCraft II game: SMAC's StarCraft2Env, or smacv2's capability wrapper."""
+    if backend == "smac":
+        from smac.env import StarCraft2Env
+
+        return StarCraft2Env(map_name=map_name, seed=seed)
+    from smacv2.env.starcraft2.wrapper import StarCraftCapabilityEnvWrapper
+
+    race, sizes = map_name.split("_", 1)
+    n_units, n_enemies = (int(x) for x in sizes.split("_vs_"))
+    unit_types, exceptions = SMACV2_RACES[race]
+    team_gen = dict(dist_type="weighted_teams", unit_types=unit_types, weights=[0.45, 0.45, 0.1], exception_unit_types=exceptions, observe=True)
+    start = dict(dist_type="surrounded_and_reflect", p=0.5, n_enemies=n_enemies, map_x=32, map_y=32)
+    return StarCraftCapabilityEnvWrapper(
+        capability_config=dict(n_units=n_units, n_enemies=n_enemies, team_gen=team_gen, start_positions=start),
+        map_name=f"10gen_{race}", seed=seed, obs_own_pos=True, conic_fov=False, use_unit_ranges=True, min_attack_range=2,
+    )  # fmt: skip
+
+
+def _sc2_worker(remote, env_fn):
+    """Runs one game in its own process; answers 'reset' and 'step' with the ENV_KEYS values."""
+    env, ep_return, ep_length = env_fn(), 0.0, 0
+    while True:
+        cmd, data = remote.recv()
+        if cmd == "close":
+            env.close()
+            return remote.close()
+        info, reward, done = {}, 0.0, False
+        if cmd == "step":
+            reward, done, info = env.step(data)
+            ep_return, ep_length = ep_return + reward, ep_length + 1
+        out = (ep_return, ep_length, bool(info.get("battle_won", False)))
+        if cmd == "reset" or done:
+            env.reset()
+            ep_return, ep_length = 0.0, 0
+        obs, avail = np.stack(env.get_obs()).astype(np.float32), np.stack(env.get_avail_actions()).astype(bool)
+        st = np.asarray(env.get_state(), np.float32)
+        state = np.concatenate([np.broadcast_to(st, (len(obs), st.size)), obs], -1)  # agent-specific global state
+        active = ~(avail[:, 0] & (avail.sum(-1) == 1))  # a dead unit's only action is no-op
+        remote.send((obs, state, avail, active, np.float32(reward), done, *out))
+
+
+class SC2Envs:
+    """Several StarCraft II games in parallel processes; a crashed game is restarted (its episode is
+    dropped). `env_fn(index)` builds one game: make_sc2_env for the real game, a stand-in in tests."""
+
+    def __init__(self, env_fn, num_envs: int, device: torch.device):
+        self.env_fn, self.device, self.num_envs = env_fn, device, num_envs
+        self.ctx = mp.get_context("fork")
+        self.workers = [self._start(i) for i in range(num_envs)]
+        info = env_fn(-1).get_env_info()  # a probe: no game is launched before reset
+        self.n_agents, self.n_actions, self.idle_action = info["n_agents"], info["n_actions"], 0
+        self.obs_dim, self.state_dim = info["obs_shape"], info["state_shape"] + info["obs_shape"]
+
+    def _start(self, i):
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_sc2_worker, args=(child, lambda: self.env_fn(i)), daemon=True)
+        proc.start()
+        child.close()
+        return parent, proc
+
+    def _call(self, i, cmd, data=None):
+        """Send one command to game i and wait; restart the game once when its process has died."""
+        for _ in range(2):
+            try:
+                self.workers[i][0].send((cmd, data))
+                return self.workers[i][0].recv()
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                print(f"StarCraft II game {i} crashed; restarting it", file=sys.stderr)
+                self.workers[i][1].kill()
+                self.workers[i] = self._start(i)
+                cmd, data = "reset", None
+        raise RuntimeError(f"StarCraft II game {i} crashed twice in a row")
+
+    def _gather(self, results, crashed=None):
+        out = {k: torch.as_tensor(np.stack(v), device=self.device) for k, v in zip(ENV_KEYS, zip(*results), strict=True)}
+        out["truncated"] = torch.zeros_like(out["terminated"])  # a battle's time limit is terminal, as in SMAC
+        out["done"] = out["terminated"] & ~torch.as_tensor(crashed if crashed is not None else False, device=self.device)
+        return out
+
+    def reset(self, seed: int):
+        return self._gather([self._call(i, "reset") for i in range(self.num_envs)])
+
+    def step(self, actions: torch.Tensor):
+        acts, crashed, results = actions.cpu().numpy(), np.zeros(self.num_envs, bool), []
+        for i in range(self.num_envs):
+            try:
+                self.workers[i][0].send(("step", acts[i]))
+            except (BrokenPipeError, ConnectionResetError):  # the game died while the learner was busy
+                crashed[i] = True
+        for i in range(self.num_envs):
+            try:
+                results.append(self._call(i, "reset") if crashed[i] else self.workers[i][0].recv())
+            except (EOFError, ConnectionResetError):
+                results.append(self._call(i, "reset"))
+                crashed[i] = True
+        return self._gather(results, crashed)
+
+    def get_state(self):
+        return None  # a running game cannot be saved: a resumed run starts fresh episodes
+
+    def close(self):
+        for remote, proc in self.workers:
+            with contextlib.suppress(Exception):
+                remote.send(("close", None))
+            proc.join(timeout=5)
+
+
+def make_envs(backend: str, map_name: str, num_envs: int, seed: int, device: torch.device):
+    if backend == "smax":
+        maps = sorted(import_smax()[1].smax_env.MAP_NAME_TO_SCENARIO)
+        if map_name not in maps:
+            fail(f"SMAX has no map '{map_name}'. SMAX maps: {', '.join(maps)}")
+        return SmaxEnvs(map_name, num_envs, device)
+    module = {"smac": "smac.env", "smacv2": "smacv2.env"}[backend]
+    if not importable(module):
+        fail(f"--env-backend {backend} needs the '{backend}' package and StarCraft II (see README), or use smax")
+    if not sc2_path():
+        fail(f"StarCraft II not found (set SC2PATH); --env-backend {backend} needs it, or use smax")
+    if backend == "smacv2" and map_name not in SMACV2_SCENARIOS:
+        fail(f"smacv2 has no scenario '{map_name}'. Scenarios: {', '.join(SMACV2_SCENARIOS)}")
+    if backend == "smac":
+        from smac.env.starcraft2.maps import smac_maps
+
+        maps = sorted(smac_maps.get_smac_map_registry())
+        if map_name not in maps:
+            fail(f"SMAC has no map '{map_name}'. SMAC maps: {', '.join(maps)}")
+    return SC2Envs(lambda i: make_sc2_env(backend, map_name, seed + max(i, 0)), num_envs, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks: every layer is an AgentLinear with weights [copies, in, out] applied to [N, batch, in]
+# in one batched matmul; copies = 1 shares the layer, copies = N gives each agent its own.
+# ----------------------------------------------------------------------------------------------
+class AgentLinear(nn.Module):
+    def __init__(self, copies: int, n_in: int, n_out: int, gain: float = np.sqrt(2)):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(copies, n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(copies, 1, n_out))
+        for i in range(copies):  # orthogonal init of each copy, as in MAPPO
+            nn.init.orthogonal_(self.weight.data[i].T, gain)
+
+    def forward(self, x, agents=slice(None)):  # x: [N, B, in] -> [N, B, out]; `agents`: whose rows x holds
+        if self.weight.shape[0] == 1:
+            return x @ self.weight[0] + self.bias[0]
+        return torch.baddbmm(self.bias[agents], x, self.weight[agents])
+
+
+class AgentGRU(nn.Module):
+    """A GRU cell made of AgentLinear layers (same equations as torch.nn.GRUCell)."""
+
+    def __init__(self, copies: int, n_in: int, hidden: int):
+        super().__init__()
+        self.x2h, self.h2h = AgentLinear(copies, n_in, 3 * hidden, 1.0), AgentLinear(copies, hidden, 3 * hidden, 1.0)
+
+    def forward(self, gx, h, agents=slice(None)):  # gx = self.x2h(x), precomputed for whole sequences
+        xr, xz, xn = gx.chunk(3, -1)
+        hr, hz, hn = self.h2h(h, agents).chunk(3, -1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        return (1 - z) * torch.tanh(xn + r * hn) + z * h
+
+
+def layer_copies(sharing: str, n_agents: int):
+    """(trunk copies, last-layer copies) for a sharing mode (FP3O appendix E.3)."""
+    return {"full": (1, 1), "partial": (1, n_agents), "none": (n_agents, n_agents)}[sharing]
+
+
+class AgentNet(nn.Module):
+    """Actor (GRU or MLP, categorical head) or critic (MLP, value head). When the trunk is shared (full
+    and partial sharing) a one-hot agent id is appended to the input, as SMAC's obs_agent_id does."""
+
+    def __init__(self, n_agents, n_in, n_out, hidden, sharing, recurrent=False, out_gain=0.01):
+        super().__init__()
+        trunk, head = layer_copies(sharing, n_agents)
+        self.n_agents, self.agent_id, self.hidden = n_agents, trunk == 1, hidden
+        n_in += n_agents if self.agent_id else 0
+        self.fc1, self.fc2 = AgentLinear(trunk, n_in, hidden), AgentLinear(trunk, hidden, hidden)
+        self.gru = AgentGRU(trunk, hidden, hidden) if recurrent else None
+        self.head = AgentLinear(head, hidden, n_out, out_gain)
+
+    def forward(self, x, h=None, starts=None, agents=slice(None)):
+        """x [T, N, B, in] (agents second), h [N, B, H], starts [T, B]: 1 where an episode begins
+        (the GRU state is reset there); `agents`: a slice of the agents, when x holds only theirs.
+        Returns [T, N, B, out] and the last hidden state."""
+        T, N, B, _ = x.shape
+        x = x.transpose(0, 1).reshape(N, T * B, -1)
+        if self.agent_id:
+            x = torch.cat([x, torch.eye(self.n_agents, device=x.device)[agents, None].expand(N, T * B, -1)], -1)
+        x = torch.relu(self.fc2(torch.relu(self.fc1(x, agents)), agents))
+        if self.gru is not None:
+            outs, keep = [], (1 - starts).view(T, 1, B, 1).unbind(0)
+            for t, gx in enumerate(self.gru.x2h(x, agents).view(N, T, B, -1).unbind(1)):  # unbind: cheap backward
+                h = self.gru(gx, h * keep[t], agents)
+                outs.append(h)
+            x = torch.stack(outs, 1).view(N, T * B, -1)
+        return self.head(x, agents).view(N, T, B, -1).transpose(0, 1), h
+
+
+def masked_logits(logits, avail):
+    return logits.masked_fill(~avail, -1e10)  # unavailable actions: logit -1e10
+
+
+def evaluate_actions(actor, obs, avail, actions, h0, starts, agents=slice(None)):
+    """Log-probabilities and entropies of stored actions under the current actor, [T, N, B]."""
+    logits, _ = actor(obs, h0, starts, agents)
+    dist = torch.distributions.Categorical(logits=masked_logits(logits, avail), validate_args=False)  # checks cost ~5%
+    return dist.log_prob(actions), dist.entropy()
+
+
+class ValueNorm(nn.Module):
+    """Running mean / variance of the returns with decay beta and bias correction (MAPPO's ValueNorm)."""
+
+    def __init__(self, beta: float = 0.99999, eps: float = 1e-5):
+        super().__init__()
+        self.beta, self.eps = beta, eps
+        for name in ("mean", "mean_sq", "debias"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.float64))
+
+    def update(self, x):
+        x = x.double()
+        self.mean.mul_(self.beta).add_(x.mean() * (1 - self.beta))
+        self.mean_sq.mul_(self.beta).add_((x**2).mean() * (1 - self.beta))
+        self.debias.mul_(self.beta).add_(1 - self.beta)
+
+    def stats(self):
+        mean = self.mean / self.debias.clamp(min=self.eps)
+        var = (self.mean_sq / self.debias.clamp(min=self.eps) - mean**2).clamp(min=1e-2)
+        return mean.float(), var.sqrt().float()
+
+    def normalize(self, x):
+        return (x - self.stats()[0]) / self.stats()[1]
+
+    def denormalize(self, x):
+        return x * self.stats()[1] + self.stats()[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm pieces
+# ----------------------------------------------------------------------------------------------
+def preopc_advantages(rewards, values, dones, next_value, next_done, weights, gamma, lam):
+    """PreOPC, eq. 2: A_t = delta_t + sum_{k>=1} gamma^k prod_{j=1..k} lam min(1, rho_{t+j}) delta_{t+k}, cut at episode ends
+    (dones[t] = 1: obs t starts one) and the rollout's end; weights = min(1, rho) [T, B...], rho the preceding agents' joint
+    ratio (step t's own is not in A_t); values [T, B...] de-normalised. Returns (A, A + V). Weights 1: GAE (Schulman et al.)."""
+    adv, last = torch.zeros_like(values), 0.0
+    for t in reversed(range(values.shape[0])):
+        nonterminal = 1.0 - (next_done if t == values.shape[0] - 1 else dones[t + 1])
+        nv, w = (next_value, 1.0) if t == values.shape[0] - 1 else (values[t + 1], weights[t + 1])
+        delta = rewards[t] + gamma * nv * nonterminal - values[t]
+        adv[t] = last = delta + gamma * lam * nonterminal * w * last  # A_t = delta_t + gamma lam min(1, rho_{t+1}) A_{t+1}
+    return adv, adv + values
+
+
+def standardize_per_agent(adv, active):
+    """Standardise each agent's advantages over its active (alive) samples; adv/active [T, N, B]."""
+    n = active.sum((0, 2), keepdim=True).clamp(min=1)
+    mean = (adv * active).sum((0, 2), keepdim=True) / n
+    var = (((adv - mean) * active) ** 2).sum((0, 2), keepdim=True) / n
+    return (adv - mean) / (var.sqrt() + 1e-8)
+
+
+def agent_order(rule, adv, active):
+    """The agents' order [N]: "fixed" 0..n-1, "random", or "semi-greedy" (section 4): alternately the remaining agent with the
+    largest E[|A^i|] over its active samples (adv [T, N, B]) and a uniformly random one, the first pick greedy (authors' code)."""
+    scores = ((adv.abs() * active).sum((0, 2)) / active.sum((0, 2)).clamp(min=1)).tolist()
+    if rule != "semi-greedy":
+        return torch.arange(len(scores)) if rule == "fixed" else torch.randperm(len(scores))
+    remaining, order = sorted(range(len(scores)), key=lambda i: -scores[i]), []  # largest score first
+    while remaining:
+        order.append(remaining.pop(0 if len(order) % 2 == 0 else torch.randint(len(remaining), ()).item()))
+    return torch.tensor(order)
+
+
+def a2po_objective(ratio, adv, prev_ratio, clip):
+    """Eq. 6, per sample, to be maximised: min(l * A, clip(l, 1 +- eps_i) * A) with l = r^i * g and
+    g = clip(prod_{j in e^i} pi_bar^j / pi^j, 1 +- eps_i / 2); `prev_ratio` is that product (fixed, detached), `clip` eps_i."""
+    l = ratio * torch.clamp(prev_ratio, 1 - clip / 2, 1 + clip / 2)  # noqa: E741
+    return torch.min(l * adv, torch.clamp(l, 1 - clip, 1 + clip) * adv)
+
+
+# Per-agent layers in sequential turns: a step must leave the other agents' copies alone, but Adam moves them even with
+# zero gradients (momentum), so their slices of the parameter, exp_avg and exp_avg_sq are restored after it; the step count
+# (one per tensor) is rewound at each turn to its value at the round's start, so each slice updates as by its own Adam.
+def agent_params(net, n_agents):
+    """The per-agent parameters: those with a leading copies axis of n_agents (AgentLinear)."""
+    return [p for p in net.parameters() if n_agents > 1 and p.shape[0] == n_agents]
+
+
+def adam_steps(opt, params):
+    return [opt.state[p]["step"].clone() if "step" in opt.state[p] else torch.zeros(()) for p in params]
+
+
+def rewind_adam_steps(opt, params, steps):
+    for p, step in zip(params, steps, strict=True):
+        if "step" in opt.state[p]:
+            opt.state[p]["step"].copy_(step)
+
+
+def step_agents(opt, params, agents):
+    """opt.step() that changes only the `agents`' slices of the per-agent `params` (and all shared ones)."""
+    saved = []
+    for p in params:
+        others, state = ~torch.isin(torch.arange(p.shape[0], device=p.device), agents.to(p.device)), opt.state[p]
+        moments = [state[k][others].clone() if k in state else torch.zeros_like(p[others]) for k in ("exp_avg", "exp_avg_sq")]
+        saved.append((p, others, p.detach()[others].clone(), moments))
+    opt.step()
+    with torch.no_grad():
+        for p, others, value, (exp_avg, exp_avg_sq) in saved:
+            p[others], opt.state[p]["exp_avg"][others], opt.state[p]["exp_avg_sq"][others] = value, exp_avg, exp_avg_sq
+
+
+def clip_grad_norm(net, max_norm: float, per_agent: bool):
+    """torch's clip_grad_norm_ on the whole network, or (--sharing none) on each agent's own copy of it."""
+    grads = [p.grad for p in net.parameters()]
+    norm = sum(g.pow(2).flatten(1).sum(1) if per_agent else g.pow(2).sum() for g in grads).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(-1, *[1] * (g.dim() - 1)) if per_agent else scale)
+
+
+def value_loss_fn(new_values, old_values, returns_n, weights, clip_coef, delta):
+    """Huber loss on normalised returns with value clipping (MAPPO), weighted by `weights` [T, N, B]."""
+    clipped = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
+    huber = lambda v: torch.nn.functional.huber_loss(v, returns_n, reduction="none", delta=delta)
+    return (torch.max(huber(new_values), huber(clipped)) * weights).sum()
+
+
+def a2po_turn(actor, critic, opts, b, block, clip, epochs, per_agent, args):
+    """A block's turn (Algorithm 1 lines 10-12): `epochs` epochs of minibatches over environments, only the `block`'s agents'
+    samples in the networks (eq. 6, eps_k = clip [1, N, 1]; critic: b["returns_n"]); others' `per_agent` slices stay intact."""
+    B, separate, stats = b["obs"].shape[2], args.sharing == "none", []
+    for _ in range(epochs):
+        for mb in torch.randperm(B).chunk(args.num_minibatches):
+            m = {k: v[:, block][:, :, mb] if v.dim() >= 3 else v[:, mb] for k, v in b.items() if k != "h0"}
+            logp, entropy = evaluate_actions(actor, m["obs"], m["avail"], m["actions"], b["h0"][block][:, mb], m["starts"], block)
+            ratio, act = (logp - m["logp"]).exp(), m["active"]
+            obj = a2po_objective(ratio, m["adv"], m["prev_ratio"], clip[:, block])  # line 11, eq. 6
+            w = act / (act.sum((0, 2), keepdim=True) if separate else act.sum()).clamp(min=1)  # block mean (none: per agent)
+            pg_loss, ent = -(obj * w).sum(), (entropy * w).sum()
+            new_values = critic(m["state"], agents=block)[0].squeeze(-1)
+            v_loss = value_loss_fn(new_values, m["values"], m["returns_n"], w, args.clip_coef, args.huber_delta)  # line 12
+            for opt, loss, net, params in ((opts[0], pg_loss - args.ent_coef * ent, actor, per_agent[0]),
+                                           (opts[1], args.vf_coef * v_loss, critic, per_agent[1])):  # fmt: skip
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                clip_grad_norm(net, args.max_grad_norm, separate)
+                step_agents(opt, params, block)
+            with torch.no_grad():
+                log_r, n_act = logp - m["logp"], act.sum().clamp(min=1)
+                kl = (((ratio - 1) - log_r) * act).sum() / n_act
+                clipfrac = (((ratio - 1).abs() > clip[:, block]).float() * act).sum() / n_act
+            losses = torch.stack([pg_loss, v_loss, ent]).detach() / (len(block) if separate else 1)  # the block's agents' mean
+            stats.append(torch.cat([losses, torch.stack([kl, clipfrac])]))
+    return torch.stack(stats).mean(0)
+
+
+@torch.no_grad()
+def rollout_logp(actor, b):
+    """Log-probabilities of the whole rollout under the current actor (RNNs from the stored states)."""
+    return evaluate_actions(actor, b["obs"], b["avail"], b["actions"], b["h0"], b["starts"])[0]
+
+
+@torch.no_grad()
+def kl_per_agent(logp, b):
+    """Each agent's approximate KL to the rollout policy over its active samples, [N]."""
+    r = (logp - b["logp"]).exp()
+    return (((r - 1) - r.log()) * b["active"]).sum((0, 2)) / b["active"].sum((0, 2)).clamp(min=1)
+
+
+def a2po_update(actor, critic, opts, b, trace, order, per_agent, value_norm, args):
+    """Algorithm 1 (2 with a shared actor): the order's blocks take turns; eq. 2's weights and eq. 6's products use the current
+    ratios of the agents that have moved: the preceding blocks' agents, or with a shared actor, where every turn moves every
+    agent, all agents after the first turn (Algorithm 2 line 8: pi_hat = pi_m; appendix B.1). `trace`: eq. 2's rollout inputs."""
+    N, device, shared = b["logp"].shape[1], b["logp"].device, args.sharing != "none"
+    blocks, k = torch.tensor_split(order, args.num_blocks or N), torch.empty(N).index_put_((order,), torch.arange(1.0, N + 1))
+    clip = args.clip_coef * args.clip_adapt_coef + args.clip_coef * (1 - args.clip_adapt_coef) * k / N  # eps_k (section 4)
+    rounds, epochs = (-(-args.update_epochs // len(blocks)), 1) if shared else (1, args.update_epochs)  # Alg. 2 line 5: ceil
+    moved, logp, stats, diag = torch.zeros(1, N, 1, device=device), b["logp"], [], {}
+    for _ in range(rounds):
+        steps0 = [adam_steps(opt, params) for opt, params in zip(opts, per_agent, strict=True)]
+        for agents in blocks:
+            for opt, params, steps in zip(opts, per_agent, steps0, strict=True):
+                rewind_adam_steps(opt, params, steps)
+            log_rho = (logp - b["logp"]) * b["active"] * moved  # log pi_hat^j / pi^j of the moved agents j (no grad), [T, N, B]
+            joint = log_rho.sum(1, keepdim=True)  # log rho_t, [T, 1, B]; eq. 2 weights min(1, rho_t), 1 with --no-preopc (GAE)
+            adv, returns = preopc_advantages(*trace, (joint * args.preopc).exp().clamp(max=1.0), args.gamma, args.gae_lambda)
+            turn = {**b, "adv": standardize_per_agent(adv, b["active"]), "returns_n": value_norm.normalize(returns),  # lines 8-9
+                    "prev_ratio": (joint - log_rho).exp()}  # eq. 6's product over the moved agents j != i
+            stats.append(a2po_turn(actor, critic, opts, turn, agents, clip.view(1, N, 1).to(device), epochs, per_agent, args))
+            logp = rollout_logp(actor, b)
+            diag.update({f"a2po/kl_after_turn_agent{i}": v for i, v in enumerate(kl_per_agent(logp, b).tolist()) if i in agents})
+            moved[:, slice(None) if shared else agents] = 1.0
+    named = {"position": (k - 1).tolist(), "clip": clip.tolist(), "kl": kl_per_agent(logp, b).tolist()}
+    diag.update({f"a2po/{name}_agent{i}": v[i] for name, v in named.items() for i in range(N)})
+    return torch.stack(stats).mean(0), diag
+
+
+@torch.no_grad()
+def evaluate(actor, envs, episodes, device):
+    """`episodes` deterministic (greedy) episodes on their own environments, one per env."""
+    nxt = envs.reset(seed=12345)
+    h = torch.zeros(actor.n_agents, envs.num_envs, actor.hidden, device=device)
+    finished = torch.zeros(envs.num_envs, dtype=torch.bool, device=device)
+    returns, wins = torch.zeros(envs.num_envs, device=device), torch.zeros(envs.num_envs, device=device)
+    starts = torch.zeros(1, envs.num_envs, device=device)
+    while not finished.all():
+        logits, h = actor(nxt["obs"].transpose(0, 1)[None], h, starts)
+        action = masked_logits(logits[0], nxt["avail"].transpose(0, 1)).argmax(-1)
+        nxt = envs.step(action.T)
+        new = nxt["done"] & ~finished
+        returns[new], wins[new] = nxt["ep_return"][new].float(), nxt["ep_won"][new].float()
+        finished |= nxt["done"]
+        starts = nxt["done"].float()[None]
+    return returns[:episodes].mean().item(), wins[:episodes].mean().item()
+
+
+if __name__ == "__main__":
+    try:
+        args = tyro.cli(Args)
+    except SystemExit as e:  # tyro has printed what is wrong; end with the usual one-line error
+        if e.code:
+            fail("invalid command line (see above; --help lists the options)")
+        raise
+    ckpt = None
+    if args.resume:
+        if not os.path.isfile(args.resume):
+            fail(f"no checkpoint at '{args.resume}'")
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+        cli = {k: getattr(args, k) for k in ("resume", "eval_only", "total_timesteps", "track", "progress_bar")}
+        args = Args(**{**ckpt["args"], **cli, "save_model": True})
+    if args.num_envs % args.num_minibatches:
+        fail(f"--num-envs ({args.num_envs}) must be divisible by --num-minibatches ({args.num_minibatches})")
+    backend = choose_backend(args.env_backend, args.map)
+    run_name = ckpt["run_name"] if ckpt else f"{args.map}__{args.exp_name}__{args.sharing}__{args.seed}__{int(time.time())}"
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.torch_threads or torch.get_num_threads())
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    envs = make_envs(backend, args.map, args.num_envs, args.seed, device)
+    eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed + 10_000, device) if args.eval_interval else None
+    N, E, T, A = envs.n_agents, args.num_envs, args.num_steps, envs.n_actions
+    if not 0 <= args.num_blocks <= N:
+        fail(f"--num-blocks must be between 0 (one agent per block) and the number of agents, {N}; got {args.num_blocks}")
+    print(f"{run_name}: backend {backend}, {N} agents, {A} actions, sharing {args.sharing}, device {device}")
+    actor = AgentNet(N, envs.obs_dim, A, args.hidden_size, args.sharing, recurrent=args.actor == "rnn").to(device)
+    critic_sharing = "full" if args.sharing == "partial" else args.sharing  # partial: a policy setting (E.3), as the authors' runner
+    critic = AgentNet(N, envs.state_dim, 1, args.hidden_size, critic_sharing, out_gain=1.0).to(device)
+    opts = [torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5),
+            torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)]  # fmt: skip
+    value_norm = ValueNorm().to(device)
+    per_agent = (agent_params(actor, N), agent_params(critic, N))  # per-agent layers (--sharing partial/none)
+    if ckpt and args.eval_only:
+        actor.load_state_dict(ckpt["actor"])
+        ret, win = evaluate(actor, make_envs(backend, args.map, args.eval_episodes, args.seed, device), args.eval_episodes, device)
+        print(f"eval: win_rate {win:.3f}, episodic_return {ret:.3f} over {args.eval_episodes} episodes")
+        sys.exit(0)
+    versions = {n: metadata.version(n) for n in ("torch", "jax", "jaxmarl", "smac", "smacv2", "numpy", "tyro") if importable(n)}
+    config = {**asdict(args), "backend": backend, "versions": versions, "sc2_build": sc2_build() if backend != "smax" else None}
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=config,
+                   name=run_name, group=f"{args.map}__{args.exp_name}__{args.sharing}",
+                   tags=[args.exp_name, args.sharing, args.map, backend], save_code=True, resume="allow", id=run_name)  # fmt: skip
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+    ckpt_path = f"runs/{run_name}/checkpoint.pt"
+    # rollout storage, agents second: [T, N, E, ...]
+    buf = dict(obs=torch.zeros(T, N, E, envs.obs_dim, device=device), state=torch.zeros(T, N, E, envs.state_dim, device=device),
+               avail=torch.zeros(T, N, E, A, dtype=torch.bool, device=device), actions=torch.zeros(T, N, E, dtype=torch.long, device=device),
+               logp=torch.zeros(T, N, E, device=device), values=torch.zeros(T, N, E, device=device),
+               active=torch.zeros(T, N, E, device=device), starts=torch.zeros(T, E, device=device))  # fmt: skip
+    rewards = torch.zeros(T, E, device=device)
+    num_iterations = args.total_timesteps // (E * T)
+    global_step, first_iteration, win_rate = 0, 1, float("nan")
+    nxt = envs.reset(seed=args.seed)
+    h = torch.zeros(N, E, args.hidden_size, device=device)
+    start = torch.ones(E, device=device)
+    if ckpt:
+        for module, key in ((actor, "actor"), (critic, "critic"), (opts[0], "actor_opt"), (opts[1], "critic_opt"), (value_norm, "value_norm")):
+            module.load_state_dict(ckpt[key])
+        global_step, first_iteration, win_rate = ckpt["global_step"], ckpt["iteration"] + 1, ckpt["win_rate"]
+        if ckpt["env_state"] is not None:  # SMAX: continue the very same episodes
+            envs.set_state(ckpt["env_state"])
+            nxt, h, start = ({k: v.to(device) for k, v in ckpt["next"].items()}, ckpt["h"].to(device), ckpt["start"].to(device))
+        torch.set_rng_state(ckpt["rng"]["torch"]), np.random.set_state(ckpt["rng"]["numpy"]), random.setstate(ckpt["rng"]["python"])
+    progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True) if args.progress_bar else None
+    start_time, start_step = time.time(), global_step
+
+    for iteration in range(first_iteration, num_iterations + 1):
+        t0, h0, ep_returns, ep_wins = time.time(), h.clone(), [], []
+        with torch.no_grad():
+            for t in range(T):
+                for k in ("obs", "state", "avail", "active"):
+                    buf[k][t] = nxt[k].transpose(0, 1)
+                buf["starts"][t] = start
+                logits, h = actor(buf["obs"][t : t + 1], h, start[None])
+                dist = torch.distributions.Categorical(logits=masked_logits(logits[0], buf["avail"][t]))
+                action = dist.sample()
+                buf["actions"][t], buf["logp"][t] = action, dist.log_prob(action)
+                buf["values"][t] = critic(buf["state"][t : t + 1])[0][0, ..., 0]
+                nxt = envs.step(action.T)
+                rewards[t], start = nxt["reward"], nxt["done"].float()
+                if nxt["done"].any():
+                    ep_returns.append(nxt["ep_return"][nxt["done"]])
+                    ep_wins.append(nxt["ep_won"][nxt["done"]])
+            global_step += E * T
+            next_value = critic(nxt["state"].transpose(0, 1)[None])[0][0, ..., 0]
+            # GAE on de-normalised values; every agent sees the team reward and its own V(s, o^i)
+            values_d, next_value_d = value_norm.denormalize(buf["values"]), value_norm.denormalize(next_value)
+            trace = (rewards[:, None], values_d, buf["starts"][:, None], next_value_d, start[None])  # PreOPC's inputs (eq. 2)
+            adv, returns = preopc_advantages(*trace, torch.ones_like(values_d), args.gamma, args.gae_lambda)  # weights 1: GAE
+            value_norm.update(returns[buf["active"].bool()])
+            b = {**buf, "adv": standardize_per_agent(adv, buf["active"]), "returns_n": value_norm.normalize(returns), "h0": h0}
+        rollout_time, t1 = time.time() - t0, time.time()
+
+        # ---- A2PO update (Algorithm 1, or 2 with a shared actor): the blocks of a fresh agent order take turns ----
+        order = agent_order(args.order, adv, b["active"])  # A^i: every agent's joint advantage (its own V), not standardised
+        stats, diag = a2po_update(actor, critic, opts, b, trace, order, per_agent, value_norm, args)
+        update_time = time.time() - t1
+        if not torch.isfinite(stats).all():
+            fail(f"non-finite loss at iteration {iteration}; the last good checkpoint is kept ({ckpt_path if args.save_model else 'none saved: use --save-model'})")
+
+        # ---- logging ----
+        pg_loss, v_loss, entropy, approx_kl, clipfrac = stats.tolist()
+        active = b["active"].bool()
+        y_true, y_pred = b["returns_n"][active], b["values"][active]
+        var_y = y_true.var()
+        sps = int((global_step - start_step) / (time.time() - start_time))
+        scalars = {"charts/SPS": sps, "charts/learning_rate": opts[0].param_groups[0]["lr"], "losses/policy_loss": pg_loss,
+                   "losses/value_loss": v_loss, "losses/entropy": entropy, "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac,
+                   "losses/explained_variance": (1 - (y_true - y_pred).var() / var_y).item() if var_y > 0 else float("nan"),
+                   "charts/rollout_time": rollout_time, "charts/update_time": update_time, **diag}  # fmt: skip
+        if ep_returns:
+            rets, wins = torch.cat(ep_returns), torch.cat(ep_wins).float()
+            win_rate = wins.mean().item()
+            scalars.update({"charts/episodic_return": rets.mean().item(), "charts/win_rate": win_rate})
+        if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == num_iterations):
+            eval_return, eval_win = evaluate(actor, eval_envs, args.eval_episodes, device)
+            scalars.update({"eval/episodic_return": eval_return, "eval/win_rate": eval_win})
+        for k, v in scalars.items():
+            writer.add_scalar(k, v, global_step)
+        if progress is not None:
+            progress.update(E * T)
+            progress.set_postfix(SPS=sps, win_rate=f"{win_rate:.2f}", refresh=False)
+        if args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == num_iterations):
+            torch.save({
+                "args": asdict(args), "run_name": run_name, "iteration": iteration, "global_step": global_step,
+                "win_rate": win_rate, "actor": actor.state_dict(), "critic": critic.state_dict(),
+                "actor_opt": opts[0].state_dict(), "critic_opt": opts[1].state_dict(), "value_norm": value_norm.state_dict(),
+                "env_state": envs.get_state(), "next": {k: v.clone() for k, v in nxt.items()}, "h": h, "start": start,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            }, ckpt_path + ".tmp")  # fmt: skip
+            os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash while saving keeps the last checkpoint
+
+    for closable in (progress, envs, eval_envs, writer):
+        if closable is not None:
+            closable.close()
+    if args.track:
+        wandb.finish()
