@@ -316,7 +316,7 @@ class SC2Envs:
         raise RuntimeError(f"StarCraft II game {i} crashed twice in a row")
 
     def _gather(self, results, crashed=None):
-        out = {k: torch.as_tensor(np.stack(v), device=self.device) for k, v in zip(ENV_KEYS, zip(*results), strict=True)}
+        out = {k: torch.as_tensor(np.stack(v), device=self.device) for k, v in zip(ENV_KEYS, zip(*results, strict=True), strict=True)}
         out["truncated"] = torch.zeros_like(out["terminated"])  # a battle's time limit is terminal, as in SMAC
         out["done"] = out["terminated"] & ~torch.as_tensor(crashed if crashed is not None else False, device=self.device)
         return out

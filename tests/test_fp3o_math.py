@@ -274,8 +274,9 @@ def test_double_clip_inner_clip_bounds_the_other_agents_ratio():
 def test_independent_step_is_mappos_update(sharing):
     """With all factors 1, fp3o_step is MAPPO's update (appendix D.6): the same networks and optimizer states after
     two epochs of two minibatches, sharing semantics (per-agent losses and clipping under `none`) included."""
-    import mappo_smac
     from conftest import hand_made_batch
+
+    import mappo_smac
 
     args = F.Args(update_epochs=2, num_minibatches=2, sharing=sharing)
     ones = lambda b: (torch.ones_like(b["logp"]), torch.ones_like(b["logp"]))
