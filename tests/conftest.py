@@ -215,3 +215,43 @@ def hand_made_batch(script, sharing: str, seed: int = 0, logp_noise: float = 0.3
              adv=torch.randn(T, N, E, generator=gen), returns_n=torch.randn(T, N, E, generator=gen))  # fmt: skip
     b["logp"] = script.rollout_logp(actor, b) + logp_noise * torch.randn(T, N, E, generator=gen)
     return actor, critic, opts, b
+
+
+TIME_TAGS = {"charts/SPS", "charts/rollout_time", "charts/update_time"}  # wall-clock: differ between identical runs
+SMAC_TAGS = {"charts/SPS", "charts/learning_rate", "losses/policy_loss", "losses/value_loss", "losses/entropy",
+             "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "eval/win_rate", "eval/episodic_return"}
+
+
+def short_smac_run_scalars(proc, cwd, script: str, sharing: str, own_tags, steps=(64, 128)) -> dict:
+    """A short SMAX 2s3z run of a SMAC script (exp_name `script`): it exited 0, its run folder is named
+    `2s3z__{script}__{sharing}__1__{time}`, it logged the common tags and `own_tags` at every iteration (`steps`) and
+    no other algorithm's diagnostics. Returns its scalars."""
+    import re
+
+    assert proc.returncode == 0, describe(proc)
+    path = run_dir(cwd)
+    assert re.fullmatch(rf"2s3z__{script}__{sharing}__1__\d+", path.name), path.name
+    scalars = read_scalars(path)
+    expected = SMAC_TAGS | set(own_tags)
+    assert expected <= set(scalars), expected - set(scalars)
+    others = tuple(f"{a}/" for a in ("fp3o", "mappo", "happo", "a2po") if not script.startswith(a))
+    assert not any(tag.startswith(others) for tag in scalars)
+    for tag in ("losses/policy_loss", "eval/win_rate", *own_tags):
+        assert [step for step, _ in scalars[tag]] == list(steps), tag
+    return scalars
+
+
+def assert_same_scalars(a: dict, b: dict, tags=None):
+    """The same logged values (all tags but the wall-clock ones, or just `tags`)."""
+    if tags is None:
+        assert a.keys() == b.keys()
+        tags = set(a) - TIME_TAGS
+    for tag in tags:
+        assert a[tag] == b[tag], tag
+
+
+def ran_ok(runs: dict, name: str):
+    """(proc, cwd) of the run `name` in a {name: (proc, cwd)} dict, asserting that it exited 0 without a traceback."""
+    proc, cwd = runs[name]
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, describe(proc)
+    return proc, cwd

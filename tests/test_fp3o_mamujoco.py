@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import Job, assert_same_state_dict, describe, find_checkpoint, read_scalars, run_dir, run_dirs, run_scripts
+from conftest import Job, assert_same_state_dict, describe, find_checkpoint, load_checkpoint, ran_ok, read_scalars, run_dir, run_dirs, run_scripts
 
 import fp3o_mamujoco as F
 
@@ -495,16 +495,6 @@ def runs(tmp_path_factory):
     return {"base": base, **{job.name: (results[job.name], job.cwd) for job in jobs}}
 
 
-def ok(runs, name):
-    proc, cwd = runs[name]
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, describe(proc)
-    return proc, cwd
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 REQUIRED_TAGS = ["charts/SPS", "charts/learning_rate", "charts/episodic_return", "charts/episodic_length", "losses/value_loss",
                  "losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance",
                  "charts/action_std", "eval/episodic_return"]  # fmt: skip
@@ -512,7 +502,7 @@ REQUIRED_TAGS = ["charts/SPS", "charts/learning_rate", "charts/episodic_return",
 
 @pytest.mark.parametrize("name, n_agents", [("full", 6), ("partial", 3), ("none", 3)])
 def test_runs_log_the_expected_scalars(runs, name, n_agents):
-    _, cwd = ok(runs, name)
+    _, cwd = ran_ok(runs, name)
     scalars = read_scalars(run_dir(cwd))
     tags = REQUIRED_TAGS + ["fp3o/condition_holds", "fp3o/S1", "fp3o/constraint_holds"]
     tags += [f"fp3o/kl_agent{i}" for i in range(n_agents)]
@@ -534,8 +524,8 @@ def test_runs_log_the_expected_scalars(runs, name, n_agents):
 def test_sharing_modes_reach_the_networks(runs, name, n_agents, obs_dim):
     """Per-agent copies: full shares everything; partial has per-agent actor heads and stds and one critic; none has
     per-agent actors and critics. A shared trunk gets the agent id."""
-    _, cwd = ok(runs, name)
-    ckpt = load(find_checkpoint(cwd))
+    _, cwd = ran_ok(runs, name)
+    ckpt = load_checkpoint(find_checkpoint(cwd))
     sharing = ckpt["args"]["sharing"]
     assert sharing == name
     trunk, head = {"full": (1, 1), "partial": (1, n_agents), "none": (n_agents, n_agents)}[sharing]
@@ -547,20 +537,20 @@ def test_sharing_modes_reach_the_networks(runs, name, n_agents, obs_dim):
 
 
 def test_default_clip_coef_follows_table_e3(runs):
-    assert load(find_checkpoint(ok(runs, "none")[1]))["args"]["clip_coef"] == 0.05  # Hopper 3x1
-    assert load(find_checkpoint(ok(runs, "full")[1]))["args"]["clip_coef"] == 0.2
+    assert load_checkpoint(find_checkpoint(ran_ok(runs, "none")[1]))["args"]["clip_coef"] == 0.05  # Hopper 3x1
+    assert load_checkpoint(find_checkpoint(ran_ok(runs, "full")[1]))["args"]["clip_coef"] == 0.2
 
 
 def test_no_dependent_step_runs_the_independent_step_only(runs):
-    _, cwd = ok(runs, "no_dep")
+    _, cwd = ran_ok(runs, "no_dep")
     scalars = read_scalars(run_dir(cwd))
     assert "fp3o/kl_agent0" in scalars and not any(t.startswith(("fp3o/condition", "fp3o/S", "eval/")) for t in scalars)
-    ckpt = load(find_checkpoint(cwd))
+    ckpt = load_checkpoint(find_checkpoint(cwd))
     assert ckpt["obs_norm"]["count"].item() == pytest.approx(1e-4), "--no-normalize-obs keeps the statistics unused"
 
 
 def test_track_writes_an_offline_wandb_run(runs):
-    _, cwd = ok(runs, "partial")
+    _, cwd = ran_ok(runs, "partial")
     offline = sorted((cwd / "wandb").glob("offline-run-*"))
     assert offline and run_dir(cwd).name in offline[0].name
     data = next(offline[0].glob("*.wandb")).read_bytes()
@@ -582,10 +572,10 @@ def same_checkpoints(a, b):
 def test_resume_equals_an_uninterrupted_run(runs):
     """Stopped after one iteration mid-episode and resumed: bit-for-bit the run that never stopped (networks,
     optimisers, value and observation normalisers, simulator states, RNGs)."""
-    _, full_cwd = ok(runs, "full")
-    ok(runs, "half")
-    _, resume_cwd = ok(runs, "resume")
-    ref, res, half = load(find_checkpoint(full_cwd)), load(find_checkpoint(resume_cwd)), load(runs["base"] / "half.pt")
+    _, full_cwd = ran_ok(runs, "full")
+    ran_ok(runs, "half")
+    _, resume_cwd = ran_ok(runs, "resume")
+    ref, res, half = load_checkpoint(find_checkpoint(full_cwd)), load_checkpoint(find_checkpoint(resume_cwd)), load_checkpoint(runs["base"] / "half.pt")
     assert (res["iteration"], res["global_step"]) == (ref["iteration"], ref["global_step"]) == (2, 2 * ITER)
     assert half["iteration"] == 1 and [s["elapsed"] for s in half["env_state"]["sim"]] == [12, 12], "split mid-episode"
     assert any(not torch.equal(ref["actor"][k], half["actor"][k]) for k in ref["actor"]), "training changes the actor"
@@ -596,15 +586,15 @@ def test_resume_equals_an_uninterrupted_run(runs):
 
 
 def test_async_envs_train_exactly_like_sync_envs(runs):
-    same_checkpoints(load(find_checkpoint(ok(runs, "full")[1])), load(find_checkpoint(ok(runs, "async")[1])))
+    same_checkpoints(load_checkpoint(find_checkpoint(ran_ok(runs, "full")[1])), load_checkpoint(find_checkpoint(ran_ok(runs, "async")[1])))
 
 
 def test_eval_only_prints_an_evaluation(runs):
-    proc, cwd = ok(runs, "eval_only")
+    proc, cwd = ran_ok(runs, "eval_only")
     m = re.search(r"eval: episodic_return (-?[0-9.]+) over (\d+) episodes", proc.stdout)
     assert m and int(m.group(2)) == 2, describe(proc)
     assert not run_dirs(cwd), "--eval-only should not start a new run"
-    scalars = read_scalars(run_dir(ok(runs, "full")[1]))
+    scalars = read_scalars(run_dir(ran_ok(runs, "full")[1]))
     assert float(m.group(1)) == pytest.approx(scalars["eval/episodic_return"][-1][1], rel=1e-4), "same model, same episodes"
 
 

@@ -18,6 +18,7 @@ from conftest import (
     describe,
     find_checkpoint,
     load_checkpoint,
+    ran_ok,
     read_scalars,
     run_dir,
     run_dirs,
@@ -105,13 +106,6 @@ def keep_copy(src, dst):
     return dst
 
 
-def ok(runs, name):
-    proc, cwd = runs[name]
-    assert proc.returncode == 0, describe(proc)
-    assert "Traceback" not in proc.stderr, describe(proc)
-    return proc, cwd
-
-
 # ---------------------------------------------------------------------------------------------- logging
 REQUIRED_TAGS = [
     "charts/SPS", "charts/learning_rate", "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl",
@@ -122,7 +116,7 @@ REQUIRED_TAGS = [
 
 @pytest.mark.parametrize("name", ["full", "partial", "none", "mlp"])
 def test_run_writes_the_expected_tensorboard_scalars(runs, name):
-    proc, cwd = ok(runs, name)
+    proc, cwd = ran_ok(runs, name)
     assert "backend smax" in proc.stdout
     scalars = read_scalars(run_dir(cwd))
     missing = [t for t in REQUIRED_TAGS + [f"fp3o/kl_agent{i}" for i in range(N_AGENTS)] if t not in scalars]
@@ -146,7 +140,7 @@ def test_run_writes_the_expected_tensorboard_scalars(runs, name):
 @pytest.mark.parametrize("name", ["full", "partial", "none", "mlp"])
 def test_sharing_flag_and_actor_flag_reach_the_networks(runs, name):
     """Saved actor/critic layouts: copies = 1 (shared) or N (per agent) per layer, GRU only for the RNN actor."""
-    _, cwd = ok(runs, name)
+    _, cwd = ran_ok(runs, name)
     ckpt = load_checkpoint((cwd))
     trunk, head = {"full": (1, 1), "mlp": (1, 1), "partial": (1, N_AGENTS), "none": (N_AGENTS, N_AGENTS)}[name]
     for net in ("actor", "critic"):
@@ -160,7 +154,7 @@ def test_sharing_flag_and_actor_flag_reach_the_networks(runs, name):
 
 
 def test_no_dependent_step_runs_the_independent_step_only(runs):
-    _, cwd = ok(runs, "no_dependent_step")
+    _, cwd = ran_ok(runs, "no_dependent_step")
     scalars = read_scalars(run_dir(cwd))
     assert "fp3o/kl_agent0" in scalars and "losses/policy_loss" in scalars
     condition_tags = [t for t in scalars if t in ("fp3o/condition_holds", "fp3o/S1", "fp3o/S2")]
@@ -170,7 +164,7 @@ def test_no_dependent_step_runs_the_independent_step_only(runs):
 
 def test_double_clip_and_no_condition_flags_run(runs):
     for name in ("partial", "none"):  # --double-clip, --no-condition
-        _, cwd = ok(runs, name)
+        _, cwd = ran_ok(runs, name)
         scalars = read_scalars(run_dir(cwd))
         assert all(math.isfinite(v) for _, v in scalars["losses/policy_loss"])
 
@@ -178,7 +172,7 @@ def test_double_clip_and_no_condition_flags_run(runs):
 def test_random_advantage_split_draws_weights_over_agents(runs):
     """Appendix F.4: A^i = w^i A with random weights w that sum to 1 over the agents. The script draws them from a
     Dirichlet, so its event (the simplex) must range over the n agents, not over the environments."""
-    _, cwd = ok(runs, "mlp")
+    _, cwd = ran_ok(runs, "mlp")
     records = json.loads((cwd / "dirichlet.json").read_text())
     assert records, "--advantage-split random should draw Dirichlet weights"
     for r in records:
@@ -189,7 +183,7 @@ def test_random_advantage_split_draws_weights_over_agents(runs):
 
 
 def test_track_writes_an_offline_wandb_run(runs):
-    _, cwd = ok(runs, "none")
+    _, cwd = ran_ok(runs, "none")
     offline = sorted((cwd / "wandb").glob("offline-run-*"))
     assert offline, f"no offline wandb run under {cwd / 'wandb'}"
     assert any(offline[0].glob("*.wandb")), "the offline run has no data file"
@@ -201,9 +195,9 @@ def test_track_writes_an_offline_wandb_run(runs):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def test_resume_equals_an_uninterrupted_run(runs):
-    _, full_cwd = ok(runs, "full")
-    ok(runs, "half")
-    proc, resume_cwd = ok(runs, "resume")
+    _, full_cwd = ran_ok(runs, "full")
+    ran_ok(runs, "half")
+    proc, resume_cwd = ran_ok(runs, "resume")
     ref, res = load_checkpoint((full_cwd)), load_checkpoint((resume_cwd))
     assert_same_training_state(ref, res, 2, 2 * ITER_STEPS)
     # the resumed run continues the same TensorBoard run
@@ -213,13 +207,13 @@ def test_resume_equals_an_uninterrupted_run(runs):
 
 
 def test_same_seed_gives_identical_checkpoints(runs):
-    ok(runs, "half")
-    _, b = ok(runs, "half_again")
+    ran_ok(runs, "half")
+    _, b = ran_ok(runs, "half_again")
     ca, cb = load_checkpoint(runs["base"] / "half.pt"), load_checkpoint((b))
     assert_same_training_state(ca, cb, 1, ITER_STEPS)
     # and the same logged numbers (also those of the full run's first iteration)
     sa, sb = read_scalars(run_dir(runs["resume"][1])), read_scalars(run_dir(b))
-    sf = read_scalars(run_dir(ok(runs, "full")[1]))
+    sf = read_scalars(run_dir(ran_ok(runs, "full")[1]))
     def first(scalars, tag):
         return [v for s, v in scalars[tag] if s == ITER_STEPS]
 
@@ -231,15 +225,15 @@ def test_same_seed_gives_identical_checkpoints(runs):
 
 def test_training_changes_the_networks(runs):
     """The checkpoints compared above must not be trivially equal (e.g. untrained)."""
-    _, a = ok(runs, "full")
-    ok(runs, "half")
+    _, a = ran_ok(runs, "full")
+    ran_ok(runs, "half")
     two, one = load_checkpoint((a)), load_checkpoint(runs["base"] / "half.pt")
     assert one["iteration"] == 1
     assert any(not torch.equal(two["actor"][k], one["actor"][k]) for k in two["actor"])
 
 
 def test_eval_only_prints_an_evaluation(runs):
-    proc, cwd = ok(runs, "eval_only")
+    proc, cwd = ran_ok(runs, "eval_only")
     m = re.search(r"eval: win_rate ([0-9.]+), episodic_return (-?[0-9.]+) over (\d+) episodes", proc.stdout)
     assert m, describe(proc)
     assert 0.0 <= float(m.group(1)) <= 1.0 and int(m.group(3)) == 4

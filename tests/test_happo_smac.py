@@ -1,7 +1,6 @@
 """happo_smac.py: HAPPO's objective and factor M, the sequential update with per-agent weights (other agents' weights
 and Adam moments untouched, Adam exact per agent), in process; and short end-to-end runs on SMAX."""
 import copy
-import re
 
 import conftest
 import pytest
@@ -10,6 +9,7 @@ from conftest import (
     HAND_MADE,
     Job,
     assert_one_clear_error,
+    assert_same_scalars,
     assert_same_state_dict,
     assert_same_training_state,
     describe,
@@ -18,6 +18,7 @@ from conftest import (
     read_scalars,
     run_dir,
     run_scripts,
+    short_smac_run_scalars,
 )
 
 import happo_smac as H
@@ -200,7 +201,6 @@ def test_every_agents_slice_is_updated_exactly_as_by_an_adam_of_its_own(monkeypa
 
 # ---------------------------------------------------------------------------------------------- end to end
 TINY = ["--num-envs", 8, "--num-steps", 8, "--eval-episodes", 4, "--eval-interval", 1, "--no-progress-bar", "--torch-threads", 1]
-TIME_TAGS = {"charts/SPS", "charts/rollout_time", "charts/update_time"}
 SCRIPT = "happo_smac.py"
 N_AGENTS = 5  # SMAX 2s3z
 HAPPO_TAGS = [f"happo/{name}_agent{i}" for name in ("kl_after_turn", "kl", "factor_mean", "factor_max", "position")
@@ -231,17 +231,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name,sharing", [("none", "none"), ("partial", "partial"), ("full", "full")])
 def test_short_run_writes_the_expected_tags(runs, name, sharing):
     base, procs = runs
-    assert procs[name].returncode == 0, describe(procs[name])
-    path = run_dir(base / name)
-    assert re.fullmatch(rf"2s3z__happo_smac__{sharing}__1__\d+", path.name)
-    scalars = read_scalars(path)
-    expected = {"charts/SPS", "charts/learning_rate", "losses/policy_loss", "losses/value_loss", "losses/entropy",
-                "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "eval/win_rate",
-                "eval/episodic_return", *HAPPO_TAGS}  # fmt: skip
-    assert expected <= set(scalars), expected - set(scalars)
-    assert not any(tag.startswith(("fp3o/", "mappo/")) for tag in scalars)
-    for tag in ("losses/policy_loss", "eval/win_rate", *HAPPO_TAGS):
-        assert [step for step, _ in scalars[tag]] == [64, 128], tag
+    scalars = short_smac_run_scalars(procs[name], base / name, "happo_smac", sharing, HAPPO_TAGS)
     for k in range(2):
         positions = [scalars[f"happo/position_agent{i}"][k][1] for i in range(N_AGENTS)]
         assert sorted(positions) == list(range(N_AGENTS))
@@ -270,9 +260,7 @@ def test_same_seed_twice_is_identical(runs):
         assert procs[name].returncode == 0, describe(procs[name])
     assert_same_training_state(load_checkpoint(base / "partial"), load_checkpoint(base / "partial_again"), 2, 128)
     a, b = read_scalars(run_dir(base / "partial")), read_scalars(run_dir(base / "partial_again"))
-    assert a.keys() == b.keys()
-    for tag in set(a) - TIME_TAGS:
-        assert a[tag] == b[tag], tag
+    assert_same_scalars(a, b)
 
 
 def test_resume_equals_an_uninterrupted_run(runs):
@@ -280,8 +268,7 @@ def test_resume_equals_an_uninterrupted_run(runs):
     assert procs["resume"].returncode == 0, describe(procs["resume"])
     assert_same_training_state(load_checkpoint(base / "half"), load_checkpoint(base / "partial"), 2, 128)
     a, b = read_scalars(run_dir(base / "half")), read_scalars(run_dir(base / "partial"))
-    for tag in ("losses/policy_loss", "losses/value_loss", "happo/kl_agent3", "happo/position_agent0", "eval/episodic_return"):
-        assert a[tag] == b[tag], tag
+    assert_same_scalars(a, b, ("losses/policy_loss", "losses/value_loss", "happo/kl_agent3", "happo/position_agent0", "eval/episodic_return"))
 
 
 @pytest.mark.parametrize("name", ["bad_map", "bad_sharing", "bad_backend"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import Job, assert_same_state_dict, describe, find_checkpoint, read_scalars, run_dir, run_dirs, run_scripts
+from conftest import Job, assert_same_state_dict, describe, find_checkpoint, load_checkpoint, ran_ok, read_scalars, run_dir, run_dirs, run_scripts
 from mpe2 import simple_speaker_listener_v4, simple_spread_v3
 
 import ippo_mpe as M
@@ -451,17 +451,6 @@ def runs(tmp_path_factory, repo_root):
     return {"base": base, **{job.name: (results[job.name], job.cwd) for job in jobs}}
 
 
-def ok(runs, name):
-    proc, cwd = runs[name]
-    assert proc.returncode == 0, describe(proc)
-    assert "Traceback" not in proc.stderr, describe(proc)
-    return proc, cwd
-
-
-def load_ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 REQUIRED_TAGS = ["charts/SPS", "charts/learning_rate", "charts/episodic_return", "charts/rollout_time", "charts/update_time",
                  "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
                  "losses/explained_variance", "eval/episodic_return"]  # fmt: skip
@@ -470,7 +459,7 @@ RUNS = [f"{e}-{s}" for e in ENVS for s in ("full", "partial", "none")] + [f"{e}-
 
 @pytest.mark.parametrize("name", RUNS)
 def test_run_on_every_task_and_sharing_mode(runs, name):
-    proc, cwd = ok(runs, name)
+    proc, cwd = ran_ok(runs, name)
     env_id, sharing = name.rsplit("-", 1)
     continuous, sharing = sharing == "continuous", CONTINUOUS[env_id] if sharing == "continuous" else sharing
     n = ENVS[env_id]
@@ -488,7 +477,7 @@ def test_run_on_every_task_and_sharing_mode(runs, name):
     if not continuous:
         assert all(v > 0 for _, v in scalars["losses/entropy"])
     # the layout of the saved networks: copies per layer, padded sizes and the action mask
-    ckpt = load_ckpt(find_checkpoint(cwd))
+    ckpt = load_checkpoint(find_checkpoint(cwd))
     trunk, head = M.layer_copies(sharing, n)
     for net in ("actor", "critic"):
         for k, v in ckpt[net].items():
@@ -505,7 +494,7 @@ def test_run_on_every_task_and_sharing_mode(runs, name):
 
 
 def test_track_writes_an_offline_wandb_run(runs):
-    _, cwd = ok(runs, f"{SPREAD}-none")
+    _, cwd = ran_ok(runs, f"{SPREAD}-none")
     offline = sorted((cwd / "wandb").glob("offline-run-*"))
     assert offline, f"no offline wandb run under {cwd / 'wandb'}"
     assert run_dir(cwd).name in offline[0].name, "the wandb run id is the run name"
@@ -516,11 +505,11 @@ def test_track_writes_an_offline_wandb_run(runs):
 
 def test_resume_equals_an_uninterrupted_run(runs):
     """Episodes of 7 steps and rollouts of 5: the split falls inside episodes, so the environments' state matters."""
-    _, ref_cwd = ok(runs, f"{LISTENER}-continuous")
-    ok(runs, "half")
-    _, cwd = ok(runs, "resume")
-    ref, res = load_ckpt(find_checkpoint(ref_cwd)), load_ckpt(find_checkpoint(cwd))
-    half = load_ckpt(runs["base"] / "half.pt")
+    _, ref_cwd = ran_ok(runs, f"{LISTENER}-continuous")
+    ran_ok(runs, "half")
+    _, cwd = ran_ok(runs, "resume")
+    ref, res = load_checkpoint(find_checkpoint(ref_cwd)), load_checkpoint(find_checkpoint(cwd))
+    half = load_checkpoint(runs["base"] / "half.pt")
     assert half["iteration"] == 1 and (res["iteration"], res["global_step"]) == (ref["iteration"], ref["global_step"]) == (2, 20)
     assert any(not torch.equal(half["actor"][k], ref["actor"][k]) for k in ref["actor"]), "the second iteration trained"
     for key in ("actor", "critic", "value_norm"):
@@ -540,7 +529,7 @@ def test_resume_equals_an_uninterrupted_run(runs):
 
 
 def test_eval_only_reproduces_the_last_evaluation(runs):
-    proc, cwd = ok(runs, "eval_only")
+    proc, cwd = ran_ok(runs, "eval_only")
     m = re.search(r"eval: episodic_return (-?[0-9.]+) over (\d+) episodes", proc.stdout)
     assert m, describe(proc)
     assert int(m.group(2)) == 2
@@ -553,7 +542,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(runs):
     proc, cwd = runs["nan"]
     assert proc.returncode == 2, describe(proc)
     assert "Traceback" not in proc.stderr and "non-finite loss at iteration 2" in proc.stderr, describe(proc)
-    ckpt = load_ckpt(find_checkpoint(cwd))
+    ckpt = load_checkpoint(find_checkpoint(cwd))
     assert ckpt["iteration"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["critic"].values())
 

@@ -1,6 +1,5 @@
 """mappo_smac.py: the PPO-clip objective and update (in process), and short end-to-end runs on SMAX."""
 import copy
-import re
 
 import conftest
 import pytest
@@ -10,6 +9,7 @@ from conftest import (
     HAND_MADE,
     Job,
     assert_one_clear_error,
+    assert_same_scalars,
     assert_same_training_state,
     describe,
     find_checkpoint,
@@ -17,6 +17,7 @@ from conftest import (
     read_scalars,
     run_dir,
     run_scripts,
+    short_smac_run_scalars,
 )
 
 import mappo_smac as M
@@ -106,7 +107,6 @@ def test_fp3o_only_flags_are_gone():
 
 # ---------------------------------------------------------------------------------------------- end to end
 TINY = ["--num-envs", 8, "--num-steps", 8, "--eval-episodes", 4, "--eval-interval", 1, "--no-progress-bar", "--torch-threads", 1]
-TIME_TAGS = {"charts/SPS", "charts/rollout_time", "charts/update_time"}
 SCRIPT = "mappo_smac.py"
 
 
@@ -134,18 +134,9 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name,sharing", [("none", "none"), ("partial", "partial"), ("full", "full")])
 def test_short_run_writes_the_expected_tags(runs, name, sharing):
     base, procs = runs
-    assert procs[name].returncode == 0, describe(procs[name])
-    path = run_dir(base / name)
-    assert re.fullmatch(rf"2s3z__mappo_smac__{sharing}__1__\d+", path.name)
-    scalars = read_scalars(path)
-    expected = {"charts/SPS", "charts/learning_rate", "losses/policy_loss", "losses/value_loss", "losses/entropy",
-                "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "eval/win_rate",
-                "eval/episodic_return", *(f"mappo/kl_agent{i}" for i in range(5))}  # fmt: skip
-    assert expected <= set(scalars), expected - set(scalars)
-    assert not any(tag.startswith(("fp3o/", "happo/")) for tag in scalars)
-    for tag in ("losses/policy_loss", "eval/win_rate", "mappo/kl_agent0"):
-        assert [step for step, _ in scalars[tag]] == [64, 128]
-    assert all(v > 0 for i in range(5) for _, v in scalars[f"mappo/kl_agent{i}"])
+    kl_tags = [f"mappo/kl_agent{i}" for i in range(5)]
+    scalars = short_smac_run_scalars(procs[name], base / name, "mappo_smac", sharing, kl_tags)
+    assert all(v > 0 for tag in kl_tags for _, v in scalars[tag])
 
 
 def test_same_seed_twice_is_identical(runs):
@@ -153,9 +144,7 @@ def test_same_seed_twice_is_identical(runs):
     assert procs["none_again"].returncode == 0, describe(procs["none_again"])
     assert_same_training_state(load_checkpoint(base / "none"), load_checkpoint(base / "none_again"), 2, 128)
     a, b = read_scalars(run_dir(base / "none")), read_scalars(run_dir(base / "none_again"))
-    assert a.keys() == b.keys()
-    for tag in set(a) - TIME_TAGS:
-        assert a[tag] == b[tag], tag
+    assert_same_scalars(a, b)
 
 
 def test_resume_equals_an_uninterrupted_run(runs):
@@ -163,8 +152,7 @@ def test_resume_equals_an_uninterrupted_run(runs):
     assert procs["resume"].returncode == 0, describe(procs["resume"])
     assert_same_training_state(load_checkpoint(base / "half"), load_checkpoint(base / "none"), 2, 128)
     a, b = read_scalars(run_dir(base / "half")), read_scalars(run_dir(base / "none"))
-    for tag in ("losses/policy_loss", "losses/value_loss", "mappo/kl_agent3", "eval/episodic_return"):
-        assert a[tag] == b[tag], tag
+    assert_same_scalars(a, b, ("losses/policy_loss", "losses/value_loss", "mappo/kl_agent3", "eval/episodic_return"))
 
 
 @pytest.mark.parametrize("name", ["bad_map", "bad_sharing", "bad_backend"])
