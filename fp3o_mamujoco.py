@@ -271,9 +271,8 @@ class MaMuJoCoEnvs:
         self.ep_return, self.ep_length = np.zeros(num_envs), np.zeros(num_envs, np.int64)
 
     def _split(self, x):
-        x = torch.as_tensor(x, device=self.device)
-        E, NO = x.shape[0], self.n_agents * self.obs_dim
-        return x[:, :NO].reshape(E, self.n_agents, self.obs_dim), x[:, NO:]
+        x, NO = torch.as_tensor(x, device=self.device), self.n_agents * self.obs_dim
+        return x[:, :NO].reshape(-1, self.n_agents, self.obs_dim), x[:, NO:]
 
     def reset(self, seed: int):
         obs, state = self._split(self.envs.reset(seed=seed)[0])
@@ -544,11 +543,22 @@ def value_loss_fn(new_values, old_values, returns_n, clip_coef, delta):
                      huber(clipped, returns_n, reduction="none", delta=delta)).mean()  # fmt: skip
 
 
+def clip_grad_norm(net, max_norm: float, per_agent: bool):
+    """torch's clip_grad_norm_ on the whole network, or (--sharing none) on each agent's own copy of it."""
+    grads = [p.grad for p in net.parameters()]
+    norm = sum(g.pow(2).flatten(1).sum(1) if per_agent else g.pow(2).sum() for g in grads).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(-1, *[1] * (g.dim() - 1)) if per_agent else scale)
+
+
 def fp3o_step(actor, critic, opts, b, factors, args, double_clip=False):
     """One FP3O step (independent or dependent): `update_epochs` epochs of `num_minibatches` random minibatches;
     actor and critic both train on every minibatch. `factors` = (factor_ij, factor_j) as [N, B] tensors (or 1.0 for
-    the independent step), or (rho_others, rho_j) for double clip."""
+    the independent step), or (rho_others, rho_j) for double clip. --sharing none (N separate networks): each agent's
+    mean loss, summed over agents (= N x the mean), and per-agent clipping: each network steps as it would alone."""
     data = {k: b[k] for k in ("obs", "actions", "logp", "adv", "state", "values", "returns_n")}
+    per_agent, n_agents = args.sharing == "none", b["logp"].shape[0]
     data.update({k: f for k, f in zip(("f1", "f2"), factors, strict=True) if torch.is_tensor(f)})
     B, mask, size = b["logp"].shape[1], b["act_mask"], b["logp"].shape[1] // args.num_minibatches
     stats = []
@@ -571,9 +581,9 @@ def fp3o_step(actor, critic, opts, b, factors, args, double_clip=False):
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             # actor and critic share no parameters: one backward pass gives each the gradient of its own loss
-            (pg_loss - args.ent_coef * ent + args.vf_coef * v_loss).backward()
+            ((n_agents if per_agent else 1) * (pg_loss - args.ent_coef * ent + args.vf_coef * v_loss)).backward()
             for opt, net in zip(opts, (actor, critic), strict=True):
-                nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+                clip_grad_norm(net, args.max_grad_norm, per_agent)
                 opt.step()
             with torch.no_grad():
                 kl = ((ratio - 1) - (logp - m["logp"])).mean()
@@ -605,10 +615,6 @@ def adam(params, lr):
         return torch.optim.Adam(params, lr=lr, eps=1e-5, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(params, lr=lr, eps=1e-5)
-
-
-def package_versions():
-    return {name: metadata.version(name) for name in ("torch", "gymnasium", "gymnasium-robotics", "mujoco", "numpy", "tyro")}
 
 
 if __name__ == "__main__":
@@ -649,20 +655,19 @@ if __name__ == "__main__":
     value_norm = ValueNorm().to(device)
     obs_norm, state_norm = RunningNorm((N, 1, O), args.normalize_obs).to(device), RunningNorm((S,), args.normalize_obs).to(device)
     if ckpt and args.eval_only:
-        for module, key in ((actor, "actor"), (obs_norm, "obs_norm")):
-            module.load_state_dict(ckpt[key])
+        actor.load_state_dict(ckpt["actor"]), obs_norm.load_state_dict(ckpt["obs_norm"])
         ret = evaluate(actor, make_envs(args, args.eval_episodes, False, device), obs_norm, args.eval_episodes)
         print(f"eval: episodic_return {ret:.3f} over {args.eval_episodes} episodes")
         sys.exit(0)
     eval_envs = make_envs(args, args.eval_episodes, False, device) if args.eval_interval else None
-    config = {**asdict(args), "env_id": env_id, "versions": package_versions()}
+    versions = {name: metadata.version(name) for name in ("torch", "gymnasium", "gymnasium-robotics", "mujoco", "numpy", "tyro")}
+    config = {**asdict(args), "env_id": env_id, "versions": versions}
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=config,
-                   name=run_name, group=f"{env_id}__{args.exp_name}__{args.sharing}",
-                   tags=[args.exp_name, args.sharing, env_id, "mamujoco"], save_code=True, resume="allow",
-                   id=run_name)  # fmt: skip
+                   name=run_name, group=f"{env_id}__{args.exp_name}__{args.sharing}", id=run_name, resume="allow",
+                   tags=[args.exp_name, args.sharing, env_id, "mamujoco"], save_code=True)  # fmt: skip
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
     ckpt_path = f"runs/{run_name}/checkpoint.pt"

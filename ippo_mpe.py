@@ -375,8 +375,12 @@ def clip_grad_norm_per_agent(net, max_norm):
 def ippo_update(actor, critic, opts, b, args):
     """`update_epochs` epochs over random minibatches of the samples [N, B]: every agent maximises PPO-clip with its
     own advantage at once (one batched pass for all agents), and the critic regresses V(o^i) on agent i's returns.
-    Returns the mean of (policy loss, value loss, entropy, approx. KL, clip fraction)."""
+    Under --sharing none (N separate networks) the losses are each agent's own mean summed over the agents (every
+    agent acts at every step: N x the mean), so each network gets the gradient it would get alone; with the mean over
+    all agents each copy would get 1/N of it, and the gradient clipping would bite N times later.
+    Returns the agents' mean of (policy loss, value loss, entropy, approx. KL, clip fraction)."""
     n_samples, stats = b["obs"].shape[1], []
+    n_sum = b["obs"].shape[0] if args.sharing == "none" else 1
     for _ in range(args.update_epochs):
         for mb in torch.randperm(n_samples, device=b["obs"].device).chunk(args.num_minibatches):
             m = {k: v[:, mb] for k, v in b.items()}
@@ -386,7 +390,7 @@ def ippo_update(actor, critic, opts, b, args):
             v_loss = value_loss_fn(critic(m["obs"])[..., 0], m["values"], m["returns_n"], args.clip_coef, args.huber_delta)
             for opt, loss, net in ((opts[0], pg_loss - args.ent_coef * ent, actor), (opts[1], args.vf_coef * v_loss, critic)):
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (n_sum * loss).backward()
                 clip_grad_norm_per_agent(net, args.max_grad_norm)
                 opt.step()
             with torch.no_grad():

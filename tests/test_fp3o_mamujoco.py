@@ -3,6 +3,7 @@ itself), time-limit bootstrapping in GAE, FP3O's objective with continuous actio
 sharing mode, exact resume, sync == async environments, evaluation of a saved model, bad input).
 
 The end-to-end runs are started once per module (two processes at a time, see conftest.run_scripts)."""
+import copy
 import itertools
 import math
 import re
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import Job, assert_same_state_dict, describe, find_checkpoint, load_checkpoint, ran_ok, read_scalars, run_dir, run_dirs, run_scripts
+from torch import nn
 
 import fp3o_mamujoco as F
 
@@ -421,6 +423,45 @@ def test_double_clip_with_a_wide_inner_clip_has_the_plain_gradient():
     double = F.fp3o_double_clip_objective(ratio(), adv, factor_ij * factor_j, factor_j, EPS, 1e6).mean()
     for g1, g2 in zip(grads(plain, actor), grads(double, actor), strict=True):
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.05, 1e6])
+def test_fp3o_step_without_sharing_steps_each_agent_as_a_network_of_its_own(max_grad_norm):
+    """--sharing none, one epoch, one minibatch, SGD (which, unlike Adam, sees the scale of a gradient), with a gradient
+    clip that bites and without one: agent i's actor and critic copies step exactly as networks trained alone on
+    agent i's samples (its own mean loss, its own clipping)."""
+    actor, ratio, adv = gaussian_setup(3, "none", B=32)
+    N, B = adv.shape
+    critic = F.AgentNet(N, 5, 1, 8, "none", out_gain=1.0)
+    obs, mask = torch.randn(N, B, 6), act_mask((2, 1, 3, 2)).float()
+    with torch.no_grad():
+        mean, std = actor(obs)
+        actions = mean + std * torch.randn_like(mean)
+    b = dict(obs=obs, actions=actions, logp=F.gaussian_log_prob(actions, mean, std, mask) + 0.2 * torch.randn(N, B),
+             adv=adv, state=torch.randn(1, B, 5).expand(N, -1, -1), values=torch.randn(N, B), returns_n=torch.randn(N, B),
+             act_mask=mask)  # fmt: skip
+    start = copy.deepcopy((actor, critic))
+    sgd = lambda nets: [torch.optim.SGD(net.parameters(), lr=0.1) for net in nets]
+    args = F.Args(update_epochs=1, num_minibatches=1, sharing="none", max_grad_norm=max_grad_norm, clip_coef=EPS)
+    F.fp3o_step(actor, critic, sgd((actor, critic)), b, (1.0, 1.0), args)
+    for i in range(N):
+        ref_actor, ref_critic = copy.deepcopy(start)
+        mean, std = ref_actor(obs)
+        r = (F.gaussian_log_prob(actions, mean, std, mask) - b["logp"]).exp()[i]
+        ent = F.gaussian_entropy(std, mask)[i].mean()
+        v, v_old, ret = ref_critic(b["state"])[i, :, 0], b["values"][i], b["returns_n"][i]
+        clipped_v = v_old + (v - v_old).clamp(-args.clip_coef, args.clip_coef)
+        v_loss = torch.max((v - ret) ** 2 / 2, (clipped_v - ret) ** 2 / 2).mean()  # Huber below its delta
+        assert ((v - ret).abs() < args.huber_delta).all() and ((clipped_v - ret).abs() < args.huber_delta).all()
+        losses = (-ppo_clip(r, adv[i], args.clip_coef).mean() - args.ent_coef * ent, args.vf_coef * v_loss)
+        for net, loss, opt in zip((ref_actor, ref_critic), losses, sgd((ref_actor, ref_critic)), strict=True):
+            loss.backward()
+            norm = nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+            assert (norm > args.max_grad_norm) == (max_grad_norm < 1), "the clip bites exactly in the clipped case"
+            opt.step()
+        for net, ref in ((actor, ref_actor), (critic, ref_critic)):
+            for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+                torch.testing.assert_close(p[i], q[i], rtol=1e-5, atol=1e-6, msg=f"{name}[{i}]")
 
 
 def test_fp3o_step_with_scalar_factors_equals_ones_tensors():

@@ -233,6 +233,13 @@ def hand_made_batch(sharing, continuous=False, seed=0):
     return actor, critic, opts_, b
 
 
+def clipped_value_loss(values, old_values, returns_n):
+    """MAPPO's clipped value loss written out: Huber with delta 10 is the half square for these small errors."""
+    clipped = old_values + (values - old_values).clamp(-EPS, EPS)
+    assert ((values - returns_n).abs() < 10).all() and ((clipped - returns_n).abs() < 10).all()
+    return torch.max((values - returns_n) ** 2 / 2, (clipped - returns_n) ** 2 / 2).mean()
+
+
 @pytest.mark.parametrize("continuous", [False, True])
 @pytest.mark.parametrize("sharing", ["full", "partial", "none"])
 def test_ippo_update_is_one_ppo_clip_step_per_agent_on_its_own_advantage(sharing, continuous):
@@ -240,7 +247,7 @@ def test_ippo_update_is_one_ppo_clip_step_per_agent_on_its_own_advantage(sharing
     with r^i from agent i's own policy and A^i its own advantage; the critic's on the clipped Huber loss of V(o^i)."""
     actor, critic, opts_, b = hand_made_batch(sharing, continuous)
     ref_actor, ref_critic = copy.deepcopy(actor), copy.deepcopy(critic)
-    args = M.Args(update_epochs=1, num_minibatches=1)
+    args = M.Args(update_epochs=1, num_minibatches=1, sharing=sharing)
     stats = M.ippo_update(actor, critic, opts_, b, args)
 
     out = ref_actor(b["obs"])  # written out from the network's raw output
@@ -257,18 +264,50 @@ def test_ippo_update_is_one_ppo_clip_step_per_agent_on_its_own_advantage(sharing
     pg_loss = -torch.min(ratio * b["adv"], ratio.clamp(1 - EPS, 1 + EPS) * b["adv"]).mean()
     torch.testing.assert_close(stats[0], pg_loss.detach())
     values = ref_critic(b["obs"])[..., 0]
-    clipped = b["values"] + (values - b["values"]).clamp(-EPS, EPS)
-    v_loss = torch.max((values - b["returns_n"]) ** 2 / 2, (clipped - b["returns_n"]) ** 2 / 2).mean()  # Huber, |x| < 10
+    v_loss = clipped_value_loss(values, b["values"], b["returns_n"])
     torch.testing.assert_close(stats[1], v_loss.detach())
     torch.testing.assert_close(stats[2], entropy.mean().detach())
+    n_sum = N if sharing == "none" else 1  # none: each agent's own mean, summed over agents (see the next test)
     for net, loss in ((ref_actor, pg_loss - args.ent_coef * entropy.mean()), (ref_critic, v_loss)):
         opt = torch.optim.Adam(net.parameters(), lr=5e-3, eps=1e-5)
-        loss.backward()
+        (n_sum * loss).backward()
         assert nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm) < args.max_grad_norm, "no clipping here"
         opt.step()
     for net, ref in ((actor, ref_actor), (critic, ref_critic)):
         for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.05, 1e6])
+@pytest.mark.parametrize("continuous", [False, True])
+def test_without_sharing_each_agent_steps_as_a_network_of_its_own(continuous, max_grad_norm):
+    """--sharing none, one epoch, one minibatch, SGD (which, unlike Adam, sees the scale of a gradient), with a
+    gradient clip that bites and without one: agent i's copy steps exactly as a network trained alone on agent i's
+    samples would."""
+    actor, critic, _, b = hand_made_batch("none", continuous)
+    start = copy.deepcopy((actor, critic))
+    sgd = lambda nets: [torch.optim.SGD(net.parameters(), lr=0.1) for net in nets]
+    args = M.Args(update_epochs=1, num_minibatches=1, sharing="none", max_grad_norm=max_grad_norm)
+    M.ippo_update(actor, critic, sgd((actor, critic)), b, args)
+    for i in range(N):
+        ref_actor, ref_critic = copy.deepcopy(start)
+        own = {k: v[i : i + 1] for k, v in b.items()}
+        full_obs = b["obs"].clone()
+        full_obs[i] = own["obs"][0]  # the networks take all agents' inputs; only agent i's outputs enter the loss
+        logp, entropy = ref_actor.log_prob_entropy(ref_actor.dist(full_obs), b["actions"])
+        ratio = (logp[i] - own["logp"][0]).exp()
+        pg_loss = -torch.min(ratio * own["adv"][0], ratio.clamp(1 - EPS, 1 + EPS) * own["adv"][0]).mean()
+        values = ref_critic(full_obs)[i, :, 0]
+        v_loss = clipped_value_loss(values, own["values"][0], own["returns_n"][0])
+        losses = (pg_loss - args.ent_coef * entropy[i].mean(), args.vf_coef * v_loss)
+        for net, loss, opt in zip((ref_actor, ref_critic), losses, sgd((ref_actor, ref_critic)), strict=True):
+            loss.backward()
+            norm = nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+            assert (norm > args.max_grad_norm) == (max_grad_norm < 1), "the clip bites exactly in the clipped case"
+            opt.step()
+        for net, ref in ((actor, ref_actor), (critic, ref_critic)):
+            for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+                torch.testing.assert_close(p[i], q[i], rtol=1e-5, atol=1e-6, msg=f"{name}[{i}]")
 
 
 @pytest.mark.parametrize("sharing", ["none", "full"])
@@ -282,7 +321,7 @@ def test_without_sharing_agents_learn_independently(sharing):
         b["adv"][1] *= scale
         b["returns_n"][1] += scale
         torch.manual_seed(5)  # the same minibatches
-        M.ippo_update(actor, critic, opts_, b, M.Args(update_epochs=3, num_minibatches=4, max_grad_norm=0.05))
+        M.ippo_update(actor, critic, opts_, b, M.Args(update_epochs=3, num_minibatches=4, max_grad_norm=0.05, sharing=sharing))
         results.append((actor.state_dict(), critic.state_dict()))
     for k in results[0][0]:
         for i in (0, 2) if sharing == "none" else ():
