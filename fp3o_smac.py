@@ -120,10 +120,10 @@ def fail(message: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# Environments. Every backend: reset(seed) -> dict(obs [E,N,O], state [E,N,S], avail [E,N,A],
-# active [E,N]); step(actions [E,N]) -> the same plus reward, terminated, truncated [E] and, per
-# env that finished an episode (`done`), its ep_return, ep_length, ep_won. Finished envs reset
-# themselves; dead agents keep `active` 0 and may only take the idle action.
+# Environments. Every backend: reset(seed) -> dict(obs [E,N,O], state [E,N,S], avail [E,N,A], active [E,N]);
+# step(actions [E,N]) -> the same plus reward, terminated, truncated, first [E] (the obs starts an episode: the last one
+# finished, or a crashed game was restarted) and, where an episode finished (`done`), its ep_return, ep_length, ep_won.
+# Dead agents keep `active` 0 and may only take the idle action.
 # ----------------------------------------------------------------------------------------------
 ENV_KEYS = ("obs", "state", "avail", "active", "reward", "terminated", "ep_return", "ep_length", "ep_won")
 SMACV2_RACES = {  # smacv2's published capability configs (configs/sc2_gen_*.yaml)
@@ -228,7 +228,7 @@ class SmaxEnvs:
         self.carry, out = self._step(self.carry, acts)
         res = {k: self._torch(v) for k, v in zip(ENV_KEYS, out, strict=True)}
         res["truncated"] = torch.zeros_like(res["terminated"])  # a battle's time limit is terminal
-        res["done"] = res["terminated"]
+        res["done"] = res["first"] = res["terminated"]
         return res
 
     def get_state(self):  # for exact resume
@@ -315,10 +315,11 @@ class SC2Envs:
                 cmd, data = "reset", None
         raise RuntimeError(f"StarCraft II game {i} crashed twice in a row")
 
-    def _gather(self, results, crashed=None):
+    def _gather(self, results, crashed=False):
         out = {k: torch.as_tensor(np.stack(v), device=self.device) for k, v in zip(ENV_KEYS, zip(*results, strict=True), strict=True)}
         out["truncated"] = torch.zeros_like(out["terminated"])  # a battle's time limit is terminal, as in SMAC
-        out["done"] = out["terminated"] & ~torch.as_tensor(crashed if crashed is not None else False, device=self.device)
+        crashed = torch.as_tensor(crashed, device=self.device)  # a restarted game: its episode is cut, not finished
+        out["done"], out["first"] = out["terminated"] & ~crashed, out["terminated"] | crashed
         return out
 
     def reset(self, seed: int):
@@ -631,7 +632,7 @@ def evaluate(actor, envs, episodes, device):
         new = nxt["done"] & ~finished
         returns[new], wins[new] = nxt["ep_return"][new].float(), nxt["ep_won"][new].float()
         finished |= nxt["done"]
-        starts = nxt["done"].float()[None]
+        starts = nxt["first"].float()[None]
     return returns[:episodes].mean().item(), wins[:episodes].mean().item()
 
 
@@ -716,7 +717,7 @@ if __name__ == "__main__":
                 buf["actions"][t], buf["logp"][t] = action, dist.log_prob(action)
                 buf["values"][t] = critic(buf["state"][t : t + 1])[0][0, ..., 0]
                 nxt = envs.step(action.T)
-                rewards[t], start = nxt["reward"], nxt["done"].float()
+                rewards[t], start = nxt["reward"], nxt["first"].float()  # GAE and the GRU stop at episode starts
                 if nxt["done"].any():
                     ep_returns.append(nxt["ep_return"][nxt["done"]])
                     ep_wins.append(nxt["ep_won"][nxt["done"]])

@@ -1,5 +1,6 @@
 """Environment wrappers of fp3o_smac.py: SMAX (JaxMARL) for real, the StarCraft II process wrapper against a stand-in
 with SMAC's API, and (when StarCraft II and smac are installed) one short real-game run."""
+import importlib
 import os
 import signal
 
@@ -89,7 +90,7 @@ def test_smax_episode_statistics_and_wins_are_consistent(smax_rollout):
         ret += out["reward"].float()
         length += 1
         d = out["done"].bool()
-        assert torch.equal(out["done"], out["terminated"]) and not out["truncated"].any()
+        assert torch.equal(out["done"], out["terminated"]) and torch.equal(out["first"], out["done"]) and not out["truncated"].any()
         if d.any():
             assert torch.equal(out["ep_length"][d].long(), length[d])
             assert torch.allclose(out["ep_return"][d].float(), ret[d], rtol=1e-5, atol=1e-5)
@@ -125,6 +126,12 @@ def test_smax_get_state_set_state_reproduces_the_next_step(smax_envs):
 
 
 # ---------------------------------------------------------------------------------------------- StarCraft II wrapper
+@pytest.fixture(params=["fp3o_smac", "mappo_smac", "happo_smac", "a2po_smac"])
+def S(request):
+    """Each SMAC script carries its own copy of the StarCraft II wrapper: every copy is tested."""
+    return importlib.import_module(request.param)
+
+
 class FakeSC2Env:
     """A stand-in with the API of SMAC's StarCraft2Env. Env `index` has episodes of 2 + index % 3 steps, a reward of
     index + 1 per step, and wins when index is even. The last agent dies after the first step (only no-op 0 left).
@@ -182,9 +189,9 @@ def policy(out):
     return act
 
 
-def test_sc2_envs_shapes_masks_and_episode_statistics():
+def test_sc2_envs_shapes_masks_and_episode_statistics(S):
     E = 3
-    envs = F.SC2Envs(lambda i: FakeSC2Env(i), E, torch.device("cpu"))
+    envs = S.SC2Envs(lambda i: FakeSC2Env(i), E, torch.device("cpu"))
     try:
         N, n_obs = FakeSC2Env.N_AGENTS, FakeSC2Env.OBS
         assert (envs.n_agents, envs.n_actions, envs.idle_action) == (N, FakeSC2Env.N_ACTIONS, 0)
@@ -207,6 +214,7 @@ def test_sc2_envs_shapes_masks_and_episode_statistics():
             for k in ("reward", "terminated", "truncated", "done", "ep_return", "ep_length", "ep_won"):
                 assert out[k].shape == (E,), k
             assert out["done"].tolist() == done.tolist(), f"step {step}"
+            assert torch.equal(out["first"], out["done"]), "without crashes a new episode starts where one finished"
             assert out["reward"].tolist() == [1.0, 2.0, 3.0]
             assert not out["truncated"].any()
             for i in np.flatnonzero(done):
@@ -240,10 +248,10 @@ def test_sc2_envs_shapes_masks_and_episode_statistics():
         assert not proc.is_alive(), "close() should end the game processes"
 
 
-def test_sc2_envs_restart_a_crashed_game_and_go_on(tmp_path, capfd):
+def test_sc2_envs_restart_a_crashed_game_and_go_on(S, tmp_path, capfd):
     E = 3
     flag = str(tmp_path / "crashed")
-    envs = F.SC2Envs(lambda i: FakeSC2Env(i, crash_flag=flag if i == 1 else None, crash_at=2), E, torch.device("cpu"))
+    envs = S.SC2Envs(lambda i: FakeSC2Env(i, crash_flag=flag if i == 1 else None, crash_at=2), E, torch.device("cpu"))
     try:
         out = envs.reset(seed=0)
         old_pid = envs.workers[1][1].pid
@@ -254,6 +262,7 @@ def test_sc2_envs_restart_a_crashed_game_and_go_on(tmp_path, capfd):
         assert envs.workers[1][1].pid != old_pid, "the crashed game should run in a new process"
         assert "crash" in capfd.readouterr().err.lower()
         assert out["done"].tolist() == [True, False, False], "a crash is not a finished episode"
+        assert out["first"].tolist() == [True, True, False], "but it cuts GAE and the GRU state like one"
         assert out["obs"][1, 0, 2] == 0 and out["obs"][1, 0, 1] == 1, "the restarted game starts a fresh episode"
         assert out["active"][1].bool().all()
         assert out["obs"][2, 0, 2] == 2, "the other games go on"
@@ -268,11 +277,11 @@ def test_sc2_envs_restart_a_crashed_game_and_go_on(tmp_path, capfd):
         envs.close()
 
 
-def test_sc2_envs_restart_a_game_that_died_between_steps():
+def test_sc2_envs_restart_a_game_that_died_between_steps(S):
     """A game process can also die while it waits for the next command (the OOM killer, a SIGKILL, SC2 taking the
     worker down while the learner updates): the next step must restart it like a crash inside a step."""
     E = 2
-    envs = F.SC2Envs(lambda i: FakeSC2Env(i), E, torch.device("cpu"))
+    envs = S.SC2Envs(lambda i: FakeSC2Env(i), E, torch.device("cpu"))
     try:
         out = envs.step(policy(envs.reset(seed=0)))
         victim = envs.workers[1][1]
@@ -281,7 +290,7 @@ def test_sc2_envs_restart_a_game_that_died_between_steps():
         assert not victim.is_alive()
         out = envs.step(policy(out))  # must not raise (BrokenPipeError)
         assert envs.workers[1][1].pid != victim.pid, "the dead game should run in a new process"
-        assert out["obs"][1, 0, 2] == 0 and not out["done"][1], "the restarted game starts a fresh episode"
+        assert out["obs"][1, 0, 2] == 0 and not out["done"][1] and out["first"][1], "the restarted game starts a fresh episode"
         assert out["obs"][0, 0, 2] == 0 and out["done"][0], "game 0 (length 2) finished its episode as usual"
         out = envs.step(policy(out))
         assert out["obs"][1, 0, 2] == 1
@@ -297,8 +306,8 @@ def always_crashing_env(index):
     return Crashing(index)
 
 
-def test_sc2_envs_give_up_on_a_game_that_keeps_crashing():
-    envs = F.SC2Envs(always_crashing_env, 1, torch.device("cpu"))
+def test_sc2_envs_give_up_on_a_game_that_keeps_crashing(S):
+    envs = S.SC2Envs(always_crashing_env, 1, torch.device("cpu"))
     try:
         with pytest.raises(RuntimeError, match="crashed"):
             envs.reset(seed=0)
