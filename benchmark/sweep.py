@@ -2,8 +2,9 @@
 
 Every run has its own folder OUT/{algorithm}__{task}__{sharing}__{seed}/ that is the script's working directory, so
 its TensorBoard logs land in OUT/<run>/runs/. Beside them: log.txt (stdout and stderr) and record.json (labels,
-command, exit status, start, duration). A run whose record.json says exit status 0 is finished: starting the sweep
-again skips it (and re-runs failed or interrupted runs, their earlier output moved to *.attempt<k>).
+command, exit status, start, duration). A run whose record.json says exit status 0 for the same command (the
+interpreter aside) is finished: starting the sweep again skips it, and runs again failed or interrupted runs and runs
+whose command changed (another budget, other flags), their earlier output moved to *.attempt<k>.
 `benchmark/report.py OUT` turns the folder into tables, curves and a CSV.
 
 Scripts are PATH or LABEL=PATH EXTRA-FLAGS; tasks are NAME or LABEL=FLAGS:
@@ -203,9 +204,10 @@ def read_record(run_dir: str) -> Optional[dict]:
         return None
 
 
-def is_finished(run_dir: str) -> bool:
-    record = read_record(run_dir)
-    return record is not None and record.get("status") == 0
+def is_finished(run: Run) -> bool:
+    """Exit status 0 with this very command: the interpreter's path may differ (a cluster node, another venv)."""
+    record = read_record(run.cwd)
+    return record is not None and record.get("status") == 0 and record.get("command", [])[1:] == run.command[1:]
 
 
 def write_record(run_dir: str, record: dict):
@@ -319,7 +321,7 @@ def slurm_script(args: Args, runs: List[Run], out: str) -> str:
     lines += [f"#SBATCH {d}" for d in args.slurm_directives]
     lines += ["# Written by benchmark/sweep.py --slurm. Submit: sbatch " + shlex.quote(os.path.join(folder, name + ".sbatch")),
               "# Array task i runs run i of the run list below in its folder (log.txt, record.json, runs/), exactly as the",
-              "# local runner does; a finished run (record.json with exit status 0) is skipped. Runs:"]  # fmt: skip
+              "# local runner does; a finished run (record.json with exit status 0, same command) is skipped. Runs:"]  # fmt: skip
     lines += [f"#   {i}: {r.id}: {shlex.join(r.command)}" for i, r in enumerate(runs)]
     lines += ["set -euo pipefail", f"cd {shlex.quote(ROOT)}"] + ([args.slurm_setup] if args.slurm_setup else [])
     lines += [f"exec {shlex.quote(args.python)} {shlex.quote(os.path.abspath(__file__))} --run-list {shlex.quote(run_list)} "
@@ -337,7 +339,7 @@ def run_from_list(path: str, index: int):
     if not 0 <= index < len(spec["runs"]):
         fail(f"--run-index {index} outside the run list ({len(spec['runs'])} runs)")
     run = Run(**spec["runs"][index])
-    if is_finished(run.cwd):
+    if is_finished(run):
         print(f"{run.id}: finished before, skipped")
         sys.exit(0)
     record = execute(run, spec["out"], spec.get("timeout_h", 0.0))
@@ -352,7 +354,7 @@ def main(args: Args):
         return run_from_list(args.run_list, args.run_index)
     out = os.path.abspath(args.out)
     runs = build_runs(args, out)
-    todo = [r for r in runs if args.force or not is_finished(r.cwd)]
+    todo = [r for r in runs if args.force or not is_finished(r)]
     print(f"sweep {out}: {len(runs)} runs, {len(runs) - len(todo)} finished before, {len(todo)} to run", flush=True)
     if args.dry_run:
         for r in runs:

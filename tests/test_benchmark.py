@@ -251,6 +251,17 @@ def test_sweep_runs_records_and_skips_finished_runs(fake, tmp_path):
     assert len(calls(fake)) == 6
     proc = run_tool("sweep.py", *common, "--seeds", "1", "--sharing", "full", "--force", cwd=tmp_path)
     assert proc.returncode == 0 and len(calls(fake)) == 7, describe(proc)
+    # another budget is another run: a finished run whose command changed runs again, its output kept aside
+    proc = run_tool("sweep.py", *common[:-1], "--args=--total-timesteps 2000", "--seeds", "1", "--sharing", "full", cwd=tmp_path)
+    assert proc.returncode == 0 and "0 finished before, 1 to run" in proc.stdout, describe(proc)
+    assert calls(fake)[-1]["argv"][6:8] == ["--total-timesteps", "2000"]
+    rec = records(out)["fake__2s3z__full__1"]
+    assert "--total-timesteps 2000" in rec["command_line"] and rec["attempt"] == 3
+    assert (out / "fake__2s3z__full__1" / "runs.attempt2").is_dir()
+    proc = run_tool("sweep.py", *common[:-1], "--args=--total-timesteps 2000", "--seeds", "1", "--sharing", "full", cwd=tmp_path)
+    assert proc.returncode == 0 and "1 finished before, 0 to run" in proc.stdout, describe(proc)
+    proc = run_tool("sweep.py", *common, "--seeds", "1", "--sharing", "full", cwd=tmp_path)  # back to 1000: runs again
+    assert proc.returncode == 0 and "0 finished before, 1 to run" in proc.stdout and len(calls(fake)) == 9, describe(proc)
 
     out_report = tmp_path / "report"
     report.main(report.Args(sweeps=[str(out)], out_dir=str(out_report)))
