@@ -569,7 +569,7 @@ def a2po_turn(actor, critic, opts, b, block, clip, epochs, per_agent, args):
     samples in the networks (eq. 6, eps_k = clip [1, N, 1]; critic: b["returns_n"]); others' `per_agent` slices stay intact."""
     B, separate, stats = b["obs"].shape[2], args.sharing == "none", []
     for _ in range(epochs):
-        for mb in torch.randperm(B).chunk(args.num_minibatches):
+        for mb in torch.randperm(B).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]:  # 1: no gather
             m = {k: v[:, block][:, :, mb] if v.dim() >= 3 else v[:, mb] for k, v in b.items() if k != "h0"}
             logp, entropy = evaluate_actions(actor, m["obs"], m["avail"], m["actions"], b["h0"][block][:, mb], m["starts"], block)
             ratio, act = (logp - m["logp"]).exp(), m["active"]

@@ -584,7 +584,7 @@ def fp3o_step(actor, critic, opts, b, factors, args, double_clip=False):
     B, per_agent = b["obs"].shape[2], args.sharing == "none"
     stats = []
     for _ in range(args.update_epochs):
-        for mb in torch.randperm(B).chunk(args.num_minibatches):
+        for mb in torch.randperm(B).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]:  # 1: no gather
             m = {k: v[:, :, mb] if v.dim() >= 3 else v[:, mb] for k, v in b.items() if k != "h0"}
             logp, entropy = evaluate_actions(actor, m["obs"], m["avail"], m["actions"], b["h0"][:, mb], m["starts"])
             ratio = (logp - m["logp"]).exp()
@@ -750,10 +750,10 @@ if __name__ == "__main__":
                 factor_ij, factor_j = fp3o_factors(rho, pipeline_partners(N).to(device))
                 factors = (factor_ij * factor_j, factor_j) if args.double_clip else (factor_ij, factor_j)
                 stats = (stats + fp3o_step(actor, critic, opts, b, factors, args, args.double_clip)) / 2
-            ratio_new = ((rollout_logp(actor, b) - b["logp"]).exp() - 1) * b["active"] + 1
-            constraint = fp3o_constraint(rho, ratio_new, b["adv"], b["active"], args.condition_slack)
+        r_new = (rollout_logp(actor, b) - b["logp"]).exp()  # pi_{k+1} / pi_k (rollout_logp runs without gradients)
+        if not args.no_dependent_step:
+            constraint = fp3o_constraint(rho, (r_new - 1) * b["active"] + 1, b["adv"], b["active"], args.condition_slack)
             diag.update({"fp3o/constraint_holds": float(constraint), "fp3o/condition_matches": float(constraint == holds)})
-        r_new = (rollout_logp(actor, b) - b["logp"]).exp()  # rollout_logp runs without gradients
         kl = (((r_new - 1) - r_new.log()) * b["active"]).sum((0, 2)) / b["active"].sum((0, 2)).clamp(min=1)
         diag.update({f"fp3o/kl_agent{i}": kl[i].item() for i in range(N)})
         update_time = time.time() - t1

@@ -558,7 +558,7 @@ def happo_turn(actor, critic, opts, b, factor, agent, per_agent, args):
     B, sel = b["obs"].shape[2], slice(agent, agent + 1)  # only this agent's samples go through the networks
     stats = []
     for _ in range(args.update_epochs):
-        for mb in torch.randperm(B).chunk(args.num_minibatches):
+        for mb in torch.randperm(B).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]:  # 1: no gather
             m = {k: v[:, sel][:, :, mb] if v.dim() >= 3 else v[:, mb] for k, v in b.items() if k != "h0"}
             logp, entropy = evaluate_actions(actor, m["obs"], m["avail"], m["actions"], b["h0"][sel][:, mb], m["starts"], sel)
             ratio = (logp - m["logp"]).exp()

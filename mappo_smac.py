@@ -519,7 +519,7 @@ def mappo_step(actor, critic, opts, b, args):
     B, per_agent = b["obs"].shape[2], args.sharing == "none"
     stats = []
     for _ in range(args.update_epochs):
-        for mb in torch.randperm(B).chunk(args.num_minibatches):
+        for mb in torch.randperm(B).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]:  # 1: no gather
             m = {k: v[:, :, mb] if v.dim() >= 3 else v[:, mb] for k, v in b.items() if k != "h0"}
             logp, entropy = evaluate_actions(actor, m["obs"], m["avail"], m["actions"], b["h0"][:, mb], m["starts"])
             ratio = (logp - m["logp"]).exp()
