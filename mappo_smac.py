@@ -172,8 +172,9 @@ class SmaxEnvs:
         jnp, self.jax, self.device, self.num_envs = jax.numpy, jax, device, num_envs
         env = smax.HeuristicEnemySMAX(scenario=smax.map_name_to_scenario(map_name))
         self.n_agents, self.n_actions, self.idle_action = env.num_agents, env.num_ally_actions, 4
-        self.obs_dim, self.state_dim = env.obs_size, env.state_size + env.obs_size
-        names = env.agents
+        self.obs_dim, self.state_dim, names = env.obs_size, env.state_size + env.obs_size, env.agents
+        # a carry without weak types: reset, step and a resumed carry all match the step's one compilation
+        strong = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, x.dtype), tree)
 
         def pack(obs, st):
             o = jnp.stack([obs[a] for a in names])
@@ -184,7 +185,7 @@ class SmaxEnvs:
         def reset_one(key):
             key, k = jax.random.split(key)
             obs, st = env.reset(k)
-            return (key, st, jnp.float32(0), jnp.int32(0)), pack(obs, st)
+            return strong((key, st, jnp.float32(0), jnp.int32(0))), pack(obs, st)
 
         def step_one(carry, action):
             key, st, ep_ret, ep_len = carry
@@ -197,7 +198,7 @@ class SmaxEnvs:
             st = jax.tree.map(lambda x, y: jnp.where(done, x, y), st_re, st)
             obs = jax.tree.map(lambda x, y: jnp.where(done, x, y), obs_re, obs)
             out = (*pack(obs, st), rew[names[0]], done, ep_ret, ep_len, won)
-            return (key, st, jnp.where(done, 0.0, ep_ret), jnp.where(done, 0, ep_len)), out
+            return strong((key, st, jnp.where(done, 0.0, ep_ret), jnp.where(done, 0, ep_len))), out
 
         self._reset = jax.jit(jax.vmap(reset_one))
         self._step = jax.jit(jax.vmap(step_one))
@@ -211,7 +212,7 @@ class SmaxEnvs:
         return dict(obs=self._torch(o), state=self._torch(s), avail=self._torch(avail), active=self._torch(active))
 
     def step(self, actions: torch.Tensor):
-        acts = self.jax.dlpack.from_dlpack(actions.to(torch.int32).cpu().contiguous())
+        acts = self.jax.numpy.asarray(actions.to(torch.int32).cpu().numpy())  # uncommitted, like the carry: one compilation
         self.carry, out = self._step(self.carry, acts)
         res = {k: self._torch(v) for k, v in zip(ENV_KEYS, out, strict=True)}
         res["truncated"] = torch.zeros_like(res["terminated"])  # a battle's time limit is terminal
@@ -625,8 +626,7 @@ if __name__ == "__main__":
     num_iterations = args.total_timesteps // (E * T)
     global_step, first_iteration, win_rate = 0, 1, float("nan")
     nxt = envs.reset(seed=args.seed)
-    h = torch.zeros(N, E, args.hidden_size, device=device)
-    start = torch.ones(E, device=device)
+    h, start = torch.zeros(N, E, args.hidden_size, device=device), torch.ones(E, device=device)  # GRU state; 1: an episode starts
     if ckpt:
         for module, key in ((actor, "actor"), (critic, "critic"), (opts[0], "actor_opt"), (opts[1], "critic_opt"), (value_norm, "value_norm")):
             module.load_state_dict(ckpt[key])
