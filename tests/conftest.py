@@ -189,6 +189,24 @@ def assert_one_clear_error(proc: subprocess.CompletedProcess, mentions: Optional
         assert mentions in err, describe(proc)
 
 
+def assert_agent_steps_alone(nets, refs, losses, agent: int, lr: float, max_grad_norm: float, clip_bites: bool):
+    """--sharing none means N separate networks. `refs` are copies of `nets` from before their update, `losses` the
+    losses of agent `agent`'s samples alone through them: one SGD step (lr) of each reference with torch's
+    gradient-norm clipping, which bites exactly when `clip_bites`; then agent `agent`'s copy of every parameter of
+    `nets` (updated by the script on all agents at once) must equal the reference's."""
+    import torch
+
+    for ref, loss in zip(refs, losses, strict=True):
+        opt = torch.optim.SGD(ref.parameters(), lr=lr)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_grad_norm)
+        assert bool(norm > max_grad_norm) == clip_bites, f"gradient norm {norm:.3g} against the clip {max_grad_norm}"
+        opt.step()
+    for net, ref in zip(nets, refs, strict=True):
+        for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p[agent], q[agent], rtol=1e-5, atol=1e-6, msg=f"{name}[{agent}]")
+
+
 HAND_MADE = dict(N=3, T=5, E=6, OBS=7, STATE=9, ACTS=4, HID=8)  # agents, steps, envs, sizes of hand_made_batch
 
 

@@ -13,8 +13,19 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import Job, assert_same_state_dict, describe, find_checkpoint, load_checkpoint, ran_ok, read_scalars, run_dir, run_dirs, run_scripts
-from torch import nn
+from conftest import (
+    Job,
+    assert_agent_steps_alone,
+    assert_same_state_dict,
+    describe,
+    find_checkpoint,
+    load_checkpoint,
+    ran_ok,
+    read_scalars,
+    run_dir,
+    run_dirs,
+    run_scripts,
+)
 
 import fp3o_mamujoco as F
 
@@ -441,9 +452,8 @@ def test_fp3o_step_without_sharing_steps_each_agent_as_a_network_of_its_own(max_
              adv=adv, state=torch.randn(1, B, 5).expand(N, -1, -1), values=torch.randn(N, B), returns_n=torch.randn(N, B),
              act_mask=mask)  # fmt: skip
     start = copy.deepcopy((actor, critic))
-    sgd = lambda nets: [torch.optim.SGD(net.parameters(), lr=0.1) for net in nets]
     args = F.Args(update_epochs=1, num_minibatches=1, sharing="none", max_grad_norm=max_grad_norm, clip_coef=EPS)
-    F.fp3o_step(actor, critic, sgd((actor, critic)), b, (1.0, 1.0), args)
+    F.fp3o_step(actor, critic, [torch.optim.SGD(net.parameters(), lr=0.1) for net in (actor, critic)], b, (1.0, 1.0), args)
     for i in range(N):
         ref_actor, ref_critic = copy.deepcopy(start)
         mean, std = ref_actor(obs)
@@ -454,14 +464,7 @@ def test_fp3o_step_without_sharing_steps_each_agent_as_a_network_of_its_own(max_
         v_loss = torch.max((v - ret) ** 2 / 2, (clipped_v - ret) ** 2 / 2).mean()  # Huber below its delta
         assert ((v - ret).abs() < args.huber_delta).all() and ((clipped_v - ret).abs() < args.huber_delta).all()
         losses = (-ppo_clip(r, adv[i], args.clip_coef).mean() - args.ent_coef * ent, args.vf_coef * v_loss)
-        for net, loss, opt in zip((ref_actor, ref_critic), losses, sgd((ref_actor, ref_critic)), strict=True):
-            loss.backward()
-            norm = nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
-            assert (norm > args.max_grad_norm) == (max_grad_norm < 1), "the clip bites exactly in the clipped case"
-            opt.step()
-        for net, ref in ((actor, ref_actor), (critic, ref_critic)):
-            for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
-                torch.testing.assert_close(p[i], q[i], rtol=1e-5, atol=1e-6, msg=f"{name}[{i}]")
+        assert_agent_steps_alone((actor, critic), (ref_actor, ref_critic), losses, i, 0.1, max_grad_norm, max_grad_norm < 1)
 
 
 def test_fp3o_step_with_scalar_factors_equals_ones_tensors():

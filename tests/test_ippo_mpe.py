@@ -11,7 +11,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import Job, assert_same_state_dict, describe, find_checkpoint, load_checkpoint, ran_ok, read_scalars, run_dir, run_dirs, run_scripts
+from conftest import (
+    Job,
+    assert_agent_steps_alone,
+    assert_same_state_dict,
+    describe,
+    find_checkpoint,
+    load_checkpoint,
+    ran_ok,
+    read_scalars,
+    run_dir,
+    run_dirs,
+    run_scripts,
+)
 from mpe2 import simple_speaker_listener_v4, simple_spread_v3
 
 import ippo_mpe as M
@@ -286,9 +298,8 @@ def test_without_sharing_each_agent_steps_as_a_network_of_its_own(continuous, ma
     samples would."""
     actor, critic, _, b = hand_made_batch("none", continuous)
     start = copy.deepcopy((actor, critic))
-    sgd = lambda nets: [torch.optim.SGD(net.parameters(), lr=0.1) for net in nets]
     args = M.Args(update_epochs=1, num_minibatches=1, sharing="none", max_grad_norm=max_grad_norm)
-    M.ippo_update(actor, critic, sgd((actor, critic)), b, args)
+    M.ippo_update(actor, critic, [torch.optim.SGD(net.parameters(), lr=0.1) for net in (actor, critic)], b, args)
     for i in range(N):
         ref_actor, ref_critic = copy.deepcopy(start)
         own = {k: v[i : i + 1] for k, v in b.items()}
@@ -300,14 +311,7 @@ def test_without_sharing_each_agent_steps_as_a_network_of_its_own(continuous, ma
         values = ref_critic(full_obs)[i, :, 0]
         v_loss = clipped_value_loss(values, own["values"][0], own["returns_n"][0])
         losses = (pg_loss - args.ent_coef * entropy[i].mean(), args.vf_coef * v_loss)
-        for net, loss, opt in zip((ref_actor, ref_critic), losses, sgd((ref_actor, ref_critic)), strict=True):
-            loss.backward()
-            norm = nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
-            assert (norm > args.max_grad_norm) == (max_grad_norm < 1), "the clip bites exactly in the clipped case"
-            opt.step()
-        for net, ref in ((actor, ref_actor), (critic, ref_critic)):
-            for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
-                torch.testing.assert_close(p[i], q[i], rtol=1e-5, atol=1e-6, msg=f"{name}[{i}]")
+        assert_agent_steps_alone((actor, critic), (ref_actor, ref_critic), losses, i, 0.1, max_grad_norm, max_grad_norm < 1)
 
 
 @pytest.mark.parametrize("sharing", ["none", "full"])
