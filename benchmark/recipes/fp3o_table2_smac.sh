@@ -5,7 +5,7 @@
 # no SMAC script here. SMAX maps are easier than StarCraft II's: compare algorithms with each other, not with the paper.
 #
 #   bash benchmark/recipes/fp3o_table2_smac.sh            full budgets (1.3e9 environment steps in all)
-#   bash benchmark/recipes/fp3o_table2_smac.sh --quick    SMAX 2s3z, 2 seeds, 640k steps per run: about an hour on 2 cores
+#   bash benchmark/recipes/fp3o_table2_smac.sh --quick    SMAX 2s3z, 2 seeds, 640k steps per run: 42 min on 2 cores
 #
 # Other flags go to benchmark/sweep.py: --workers N, --dry-run, --slurm (job arrays instead of local runs), --track.
 # Runs finished before are skipped, so the recipe can be stopped and started again. A failed run does not stop the
@@ -29,15 +29,17 @@ STATUS=0
 
 if [ "$QUICK" = 1 ]; then
   # 2s3z x 3 algorithms x 3 sharing modes x 2 seeds = 18 runs of 200 iterations (3,200 steps each), two at a time.
-  # Chosen from the same recipe at 320k steps on a 2-core machine (one torch thread per run, two runs at a time):
-  # 27 minutes in all; FP3O 156-270 s per run, HAPPO 135-200 s, MAPPO 97-188 s. QUICK_STEPS=... changes the budget
+  # Measured on a 2-core machine (one torch thread per run, two runs at a time): 42 minutes in all; FP3O 260-475 s
+  # per run, HAPPO 243-305 s, MAPPO 178-309 s (benchmark/results/quick_smax/). QUICK_STEPS=... changes the budget
   # (runs finished with another budget run again).
   STEPS=${QUICK_STEPS:-640000}
   OUT=benchmark/sweeps/quick_smax
   $PY benchmark/sweep.py --out "$OUT" --scripts "${SCRIPTS[@]}" --tasks 2s3z --sharing full partial none --seeds 1 2 \
     --args="--total-timesteps $STEPS --eval-interval 10" ${PASS[@]+"${PASS[@]}"} || STATUS=1
   if [ "$REPORT" = 1 ]; then
+    # curves of the win rate and of the evaluation return (which shows learning before the first wins)
     $PY benchmark/report.py "$OUT" --out-dir benchmark/results/quick_smax --at 160000 320000 480000 \
+      --plot-tags eval/win_rate eval/episodic_return \
       --title "Quick SMAX recipe: \`bash benchmark/recipes/fp3o_table2_smac.sh --quick\` ($STEPS steps per run, evaluation every 32,000 steps, 32 greedy episodes)"
   fi
   exit $STATUS
