@@ -37,6 +37,7 @@ if [ "$QUICK" = 1 ]; then
   if [ "$REPORT" = 1 ]; then
     $PY benchmark/report.py "$OUT" --out-dir benchmark/results/quick_mamujoco \
       --title "Quick MaMuJoCo recipe: \`bash benchmark/recipes/fp3o_table1_mamujoco.sh --quick\` ($STEPS steps per run)"
+    gzip -9f benchmark/results/quick_mamujoco/scalars.csv  # every scalar of every run: large as plain text
   fi
   exit $STATUS
 fi
@@ -54,5 +55,6 @@ $PY benchmark/sweep.py --out "$OUT" --scripts "${SCRIPTS[@]}" --sharing full par
 if [ "$REPORT" = 1 ]; then
   $PY benchmark/report.py "$OUT" --out-dir benchmark/results/fp3o_table1_mamujoco --at 2000000 5000000 \
     --title "FP3O Table 1 on MaMuJoCo: \`bash benchmark/recipes/fp3o_table1_mamujoco.sh\` (10M steps, 5 seeds)"
+  gzip -9f benchmark/results/fp3o_table1_mamujoco/scalars.csv  # every scalar of every run: large as plain text
 fi
 exit $STATUS

@@ -41,6 +41,7 @@ if [ "$QUICK" = 1 ]; then
     $PY benchmark/report.py "$OUT" --out-dir benchmark/results/quick_smax --at 160000 320000 480000 \
       --plot-tags eval/win_rate eval/episodic_return \
       --title "Quick SMAX recipe: \`bash benchmark/recipes/fp3o_table2_smac.sh --quick\` ($STEPS steps per run, evaluation every 32,000 steps, 32 greedy episodes)"
+    gzip -9f benchmark/results/quick_smax/scalars.csv  # every scalar of every run: large as plain text
   fi
   exit $STATUS
 fi
@@ -63,5 +64,6 @@ sweep --tasks "6h_vs_8z=--map 6h_vs_8z --actor mlp" --sharing none --args="--tot
 if [ "$REPORT" = 1 ]; then
   $PY benchmark/report.py "$OUT" --out-dir benchmark/results/fp3o_table2_smac --at 2000000 5000000 \
     --title "FP3O Table 2 on SMAX: \`bash benchmark/recipes/fp3o_table2_smac.sh\` (budgets of table E.5, 5 seeds)"
+  gzip -9f benchmark/results/fp3o_table2_smac/scalars.csv  # every scalar of every run: large as plain text
 fi
 exit $STATUS
