@@ -189,6 +189,16 @@ def assert_one_clear_error(proc: subprocess.CompletedProcess, mentions: Optional
         assert mentions in err, describe(proc)
 
 
+def clipped_value_loss(values, old_values, returns_n, clip: float, delta: float = 10.0):
+    """MAPPO's clipped value loss written out: max of the two errors' Huber losses, which below `delta` (asserted)
+    are their half squares; the mean over samples."""
+    import torch
+
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    assert ((values - returns_n).abs() < delta).all() and ((clipped - returns_n).abs() < delta).all()
+    return torch.max((values - returns_n) ** 2 / 2, (clipped - returns_n) ** 2 / 2).mean()
+
+
 def assert_agent_steps_alone(nets, refs, losses, agent: int, lr: float, max_grad_norm: float, clip_bites: bool):
     """--sharing none means N separate networks. `refs` are copies of `nets` from before their update, `losses` the
     losses of agent `agent`'s samples alone through them: one SGD step (lr) of each reference with torch's

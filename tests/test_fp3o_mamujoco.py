@@ -17,6 +17,7 @@ from conftest import (
     Job,
     assert_agent_steps_alone,
     assert_same_state_dict,
+    clipped_value_loss,
     describe,
     find_checkpoint,
     load_checkpoint,
@@ -459,10 +460,7 @@ def test_fp3o_step_without_sharing_steps_each_agent_as_a_network_of_its_own(max_
         mean, std = ref_actor(obs)
         r = (F.gaussian_log_prob(actions, mean, std, mask) - b["logp"]).exp()[i]
         ent = F.gaussian_entropy(std, mask)[i].mean()
-        v, v_old, ret = ref_critic(b["state"])[i, :, 0], b["values"][i], b["returns_n"][i]
-        clipped_v = v_old + (v - v_old).clamp(-args.clip_coef, args.clip_coef)
-        v_loss = torch.max((v - ret) ** 2 / 2, (clipped_v - ret) ** 2 / 2).mean()  # Huber below its delta
-        assert ((v - ret).abs() < args.huber_delta).all() and ((clipped_v - ret).abs() < args.huber_delta).all()
+        v_loss = clipped_value_loss(ref_critic(b["state"])[i, :, 0], b["values"][i], b["returns_n"][i], args.clip_coef, args.huber_delta)
         losses = (-ppo_clip(r, adv[i], args.clip_coef).mean() - args.ent_coef * ent, args.vf_coef * v_loss)
         assert_agent_steps_alone((actor, critic), (ref_actor, ref_critic), losses, i, 0.1, max_grad_norm, max_grad_norm < 1)
 

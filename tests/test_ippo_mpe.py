@@ -15,6 +15,7 @@ from conftest import (
     Job,
     assert_agent_steps_alone,
     assert_same_state_dict,
+    clipped_value_loss,
     describe,
     find_checkpoint,
     load_checkpoint,
@@ -245,13 +246,6 @@ def hand_made_batch(sharing, continuous=False, seed=0):
     return actor, critic, opts_, b
 
 
-def clipped_value_loss(values, old_values, returns_n):
-    """MAPPO's clipped value loss written out: Huber with delta 10 is the half square for these small errors."""
-    clipped = old_values + (values - old_values).clamp(-EPS, EPS)
-    assert ((values - returns_n).abs() < 10).all() and ((clipped - returns_n).abs() < 10).all()
-    return torch.max((values - returns_n) ** 2 / 2, (clipped - returns_n) ** 2 / 2).mean()
-
-
 @pytest.mark.parametrize("continuous", [False, True])
 @pytest.mark.parametrize("sharing", ["full", "partial", "none"])
 def test_ippo_update_is_one_ppo_clip_step_per_agent_on_its_own_advantage(sharing, continuous):
@@ -276,7 +270,7 @@ def test_ippo_update_is_one_ppo_clip_step_per_agent_on_its_own_advantage(sharing
     pg_loss = -torch.min(ratio * b["adv"], ratio.clamp(1 - EPS, 1 + EPS) * b["adv"]).mean()
     torch.testing.assert_close(stats[0], pg_loss.detach())
     values = ref_critic(b["obs"])[..., 0]
-    v_loss = clipped_value_loss(values, b["values"], b["returns_n"])
+    v_loss = clipped_value_loss(values, b["values"], b["returns_n"], EPS)
     torch.testing.assert_close(stats[1], v_loss.detach())
     torch.testing.assert_close(stats[2], entropy.mean().detach())
     n_sum = N if sharing == "none" else 1  # none: each agent's own mean, summed over agents (see the next test)
@@ -309,7 +303,7 @@ def test_without_sharing_each_agent_steps_as_a_network_of_its_own(continuous, ma
         ratio = (logp[i] - own["logp"][0]).exp()
         pg_loss = -torch.min(ratio * own["adv"][0], ratio.clamp(1 - EPS, 1 + EPS) * own["adv"][0]).mean()
         values = ref_critic(full_obs)[i, :, 0]
-        v_loss = clipped_value_loss(values, own["values"][0], own["returns_n"][0])
+        v_loss = clipped_value_loss(values, own["values"][0], own["returns_n"][0], EPS)
         losses = (pg_loss - args.ent_coef * entropy[i].mean(), args.vf_coef * v_loss)
         assert_agent_steps_alone((actor, critic), (ref_actor, ref_critic), losses, i, 0.1, max_grad_norm, max_grad_norm < 1)
 
