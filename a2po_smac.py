@@ -87,7 +87,8 @@ class Args:
     num_minibatches: int = 1
     """the number of mini-batches (split over environments; whole sequences for the GRU)"""
     update_epochs: int = 5
-    """epochs of each turn (Algorithm 1 line 10); a shared actor: ceil(epochs / blocks) rounds of 1 epoch a turn (Algorithm 2)"""
+    """epochs of each turn (Algorithm 1 line 10); a shared actor: ceil(epochs / blocks) rounds of 1 epoch a turn
+    (Algorithm 2)"""
     clip_coef: float = 0.2
     """the base clipping coefficient eps (also clips the value function)"""
     ent_coef: float = 0.01
@@ -249,7 +250,8 @@ def make_sc2_env(backend: str, map_name: str, seed: int):
     race, sizes = map_name.split("_", 1)
     n_units, n_enemies = (int(x) for x in sizes.split("_vs_"))
     unit_types, exceptions = SMACV2_RACES[race]
-    team_gen = dict(dist_type="weighted_teams", unit_types=unit_types, weights=[0.45, 0.45, 0.1], exception_unit_types=exceptions, observe=True)
+    team_gen = dict(dist_type="weighted_teams", unit_types=unit_types, weights=[0.45, 0.45, 0.1],
+                    exception_unit_types=exceptions, observe=True)
     start = dict(dist_type="surrounded_and_reflect", p=0.5, n_enemies=n_enemies, map_x=32, map_y=32)
     return StarCraftCapabilityEnvWrapper(
         capability_config=dict(n_units=n_units, n_enemies=n_enemies, team_gen=team_gen, start_positions=start),
@@ -313,7 +315,8 @@ class SC2Envs:
         raise RuntimeError(f"StarCraft II game {i} crashed twice in a row")
 
     def _gather(self, results, crashed=False):
-        out = {k: torch.as_tensor(np.stack(v), device=self.device) for k, v in zip(ENV_KEYS, zip(*results, strict=True), strict=True)}
+        columns = zip(ENV_KEYS, zip(*results, strict=True), strict=True)
+        out = {k: torch.as_tensor(np.stack(v), device=self.device) for k, v in columns}
         out["truncated"] = torch.zeros_like(out["terminated"])  # a battle's time limit is terminal, as in SMAC
         crashed = torch.as_tensor(crashed, device=self.device)  # a restarted game: its episode is cut, not finished
         out["done"], out["first"] = out["terminated"] & ~crashed, out["terminated"] | crashed
@@ -481,7 +484,8 @@ class ValueNorm(nn.Module):
 def preopc_advantages(rewards, values, dones, next_value, next_done, weights, gamma, lam):
     """PreOPC, eq. 2: A_t = delta_t + sum_{k>=1} gamma^k prod_{j=1..k} lam min(1, rho_{t+j}) delta_{t+k}, cut at episode ends
     (dones[t] = 1: obs t starts one) and the rollout's end; weights = min(1, rho) [T, B...], rho the preceding agents' joint
-    ratio (step t's own is not in A_t); values [T, B...] de-normalised. Returns (A, A + V). Weights 1: GAE (Schulman et al.)."""
+    ratio (step t's own is not in A_t); values [T, B...] de-normalised. Returns (A, A + V).
+    Weights 1: GAE (Schulman et al.)."""
     adv, last = torch.zeros_like(values), 0.0
     for t in reversed(range(values.shape[0])):
         nonterminal = 1.0 - (next_done if t == values.shape[0] - 1 else dones[t + 1])
@@ -501,7 +505,8 @@ def standardize_per_agent(adv, active):
 
 def agent_order(rule, adv, active):
     """The agents' order [N]: "fixed" 0..n-1, "random", or "semi-greedy" (section 4): alternately the remaining agent with the
-    largest E[|A^i|] over its active samples (adv [T, N, B]) and a uniformly random one, the first pick greedy (authors' code)."""
+    largest E[|A^i|] over its active samples (adv [T, N, B]) and a uniformly random one, the first pick greedy
+    (authors' code)."""
     scores = ((adv.abs() * active).sum((0, 2)) / active.sum((0, 2)).clamp(min=1)).tolist()
     if rule != "semi-greedy":
         return torch.arange(len(scores)) if rule == "fixed" else torch.randperm(len(scores))
@@ -572,7 +577,8 @@ def a2po_turn(actor, critic, opts, b, block, clip, epochs, per_agent, args):
     for _ in range(epochs):
         for mb in torch.randperm(B).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]:  # 1: no gather
             m = {k: v[:, block][:, :, mb] if v.dim() >= 3 else v[:, mb] for k, v in b.items() if k != "h0"}
-            logp, entropy = evaluate_actions(actor, m["obs"], m["avail"], m["actions"], b["h0"][block][:, mb], m["starts"], block)
+            h0 = b["h0"][block][:, mb]
+            logp, entropy = evaluate_actions(actor, m["obs"], m["avail"], m["actions"], h0, m["starts"], block)
             ratio, act = (logp - m["logp"]).exp(), m["active"]
             obj = a2po_objective(ratio, m["adv"], m["prev_ratio"], clip[:, block])  # line 11, eq. 6
             w = act / (act.sum((0, 2), keepdim=True) if separate else act.sum()).clamp(min=1)  # block mean (none: per agent)
@@ -610,7 +616,8 @@ def kl_per_agent(logp, b):
 def a2po_update(actor, critic, opts, b, trace, order, per_agent, value_norm, args):
     """Algorithm 1 (2 with a shared actor): the order's blocks take turns; eq. 2's weights and eq. 6's products use the current
     ratios of the agents that have moved: the preceding blocks' agents, or with a shared actor, where every turn moves every
-    agent, all agents after the first turn (Algorithm 2 line 8: pi_hat = pi_m; appendix B.1). `trace`: eq. 2's rollout inputs."""
+    agent, all agents after the first turn (Algorithm 2 line 8: pi_hat = pi_m; appendix B.1).
+    `trace`: eq. 2's rollout inputs."""
     N, device, shared = b["logp"].shape[1], b["logp"].device, args.sharing != "none"
     blocks, k = torch.tensor_split(order, args.num_blocks or N), torch.empty(N).index_put_((order,), torch.arange(1.0, N + 1))
     clip = args.clip_coef * args.clip_adapt_coef + args.clip_coef * (1 - args.clip_adapt_coef) * k / N  # eps_k (section 4)
@@ -621,14 +628,17 @@ def a2po_update(actor, critic, opts, b, trace, order, per_agent, value_norm, arg
         for agents in blocks:
             for opt, params, steps in zip(opts, per_agent, steps0, strict=True):
                 rewind_adam_steps(opt, params, steps)
-            log_rho = (logp - b["logp"]) * b["active"] * moved  # log pi_hat^j / pi^j of the moved agents j (no grad), [T, N, B]
+            # log pi_hat^j / pi^j of the moved agents j (no grad), [T, N, B]
+            log_rho = (logp - b["logp"]) * b["active"] * moved
             joint = log_rho.sum(1, keepdim=True)  # log rho_t, [T, 1, B]; eq. 2 weights min(1, rho_t), 1 with --no-preopc (GAE)
             adv, returns = preopc_advantages(*trace, (joint * args.preopc).exp().clamp(max=1.0), args.gamma, args.gae_lambda)
-            turn = {**b, "adv": standardize_per_agent(adv, b["active"]), "returns_n": value_norm.normalize(returns),  # lines 8-9
+            turn = {**b, "adv": standardize_per_agent(adv, b["active"]),  # lines 8-9
+                    "returns_n": value_norm.normalize(returns),
                     "prev_ratio": (joint - log_rho).exp()}  # eq. 6's product over the moved agents j != i
             stats.append(a2po_turn(actor, critic, opts, turn, agents, clip.view(1, N, 1).to(device), epochs, per_agent, args))
             logp = rollout_logp(actor, b)
-            diag.update({f"a2po/kl_after_turn_agent{i}": v for i, v in enumerate(kl_per_agent(logp, b).tolist()) if i in agents})
+            kl = kl_per_agent(logp, b).tolist()
+            diag.update({f"a2po/kl_after_turn_agent{i}": v for i, v in enumerate(kl) if i in agents})
             moved[:, slice(None) if shared else agents] = 1.0
     named = {"position": (k - 1).tolist(), "clip": clip.tolist(), "kl": kl_per_agent(logp, b).tolist()}
     diag.update({f"a2po/{name}_agent{i}": v[i] for name, v in named.items() for i in range(N)})
@@ -683,7 +693,8 @@ if __name__ == "__main__":
         fail(f"--num-blocks must be between 0 (one agent per block) and the number of agents, {N}; got {args.num_blocks}")
     print(f"{run_name}: backend {backend}, {N} agents, {A} actions, sharing {args.sharing}, device {device}")
     actor = AgentNet(N, envs.obs_dim, A, args.hidden_size, args.sharing, recurrent=args.actor == "rnn").to(device)
-    critic_sharing = "full" if args.sharing == "partial" else args.sharing  # partial: a policy setting (E.3), as the authors' runner
+    # partial sharing is a setting of the policy networks (E.3, as the authors' runner): the critic is shared
+    critic_sharing = "full" if args.sharing == "partial" else args.sharing
     critic = AgentNet(N, envs.state_dim, 1, args.hidden_size, critic_sharing, out_gain=1.0).to(device)
     opts = [torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5),
             torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)]  # fmt: skip
@@ -691,39 +702,51 @@ if __name__ == "__main__":
     per_agent = (agent_params(actor, N), agent_params(critic, N))  # per-agent layers (--sharing partial/none)
     if ckpt and args.eval_only:
         actor.load_state_dict(ckpt["actor"])
-        ret, win = evaluate(actor, make_envs(backend, args.map, args.eval_episodes, args.seed, device), args.eval_episodes, device)
+        eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed, device)
+        ret, win = evaluate(actor, eval_envs, args.eval_episodes, device)
         print(f"eval: win_rate {win:.3f}, episodic_return {ret:.3f} over {args.eval_episodes} episodes")
         sys.exit(0)
-    versions = {n: metadata.version(n) for n in ("torch", "jax", "jaxmarl", "smac", "smacv2", "numpy", "tyro") if importable(n)}
-    config = {**asdict(args), "backend": backend, "versions": versions, "sc2_build": sc2_build() if backend != "smax" else None}
+    packages = ("torch", "jax", "jaxmarl", "smac", "smacv2", "numpy", "tyro")
+    versions = {n: metadata.version(n) for n in packages if importable(n)}
+    config = {**asdict(args), "backend": backend, "versions": versions,
+              "sc2_build": sc2_build() if backend != "smax" else None}  # fmt: skip
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=config,
                    name=run_name, group=f"{args.map}__{args.exp_name}__{args.sharing}",
-                   tags=[args.exp_name, args.sharing, args.map, backend], save_code=True, resume="allow", id=run_name)  # fmt: skip
+                   tags=[args.exp_name, args.sharing, args.map, backend], save_code=True, resume="allow",
+                   id=run_name)  # fmt: skip
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
     ckpt_path = f"runs/{run_name}/checkpoint.pt"
     # rollout storage, agents second: [T, N, E, ...]
-    buf = dict(obs=torch.zeros(T, N, E, envs.obs_dim, device=device), state=torch.zeros(T, N, E, envs.state_dim, device=device),
-               avail=torch.zeros(T, N, E, A, dtype=torch.bool, device=device), actions=torch.zeros(T, N, E, dtype=torch.long, device=device),
+    buf = dict(obs=torch.zeros(T, N, E, envs.obs_dim, device=device),
+               state=torch.zeros(T, N, E, envs.state_dim, device=device),
+               avail=torch.zeros(T, N, E, A, dtype=torch.bool, device=device),
+               actions=torch.zeros(T, N, E, dtype=torch.long, device=device),
                logp=torch.zeros(T, N, E, device=device), values=torch.zeros(T, N, E, device=device),
                active=torch.zeros(T, N, E, device=device), starts=torch.zeros(T, E, device=device))  # fmt: skip
     rewards = torch.zeros(T, E, device=device)
     num_iterations = args.total_timesteps // (E * T)
     global_step, first_iteration, win_rate = 0, 1, float("nan")
     nxt = envs.reset(seed=args.seed)
-    h, start = torch.zeros(N, E, args.hidden_size, device=device), torch.ones(E, device=device)  # GRU state; 1: an episode starts
+    # the GRU state, and start = 1 where an episode starts
+    h, start = torch.zeros(N, E, args.hidden_size, device=device), torch.ones(E, device=device)
     if ckpt:
-        for module, key in ((actor, "actor"), (critic, "critic"), (opts[0], "actor_opt"), (opts[1], "critic_opt"), (value_norm, "value_norm")):
+        modules = {"actor": actor, "critic": critic, "actor_opt": opts[0], "critic_opt": opts[1], "value_norm": value_norm}
+        for key, module in modules.items():
             module.load_state_dict(ckpt[key])
         global_step, first_iteration, win_rate = ckpt["global_step"], ckpt["iteration"] + 1, ckpt["win_rate"]
         if ckpt["env_state"] is not None:  # SMAX: continue the very same episodes
             envs.set_state(ckpt["env_state"])
-            nxt, h, start = ({k: v.to(device) for k, v in ckpt["next"].items()}, ckpt["h"].to(device), ckpt["start"].to(device))
-        torch.set_rng_state(ckpt["rng"]["torch"]), np.random.set_state(ckpt["rng"]["numpy"]), random.setstate(ckpt["rng"]["python"])
-    progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True) if args.progress_bar else None
+            nxt = {k: v.to(device) for k, v in ckpt["next"].items()}
+            h, start = ckpt["h"].to(device), ckpt["start"].to(device)
+        torch.set_rng_state(ckpt["rng"]["torch"]), np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+    progress = None
+    if args.progress_bar:
+        progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True)
     start_time, start_step = time.time(), global_step
 
     for iteration in range(first_iteration, num_iterations + 1):
@@ -758,7 +781,8 @@ if __name__ == "__main__":
         stats, diag = a2po_update(actor, critic, opts, b, trace, order, per_agent, value_norm, args)
         update_time = time.time() - t1
         if not torch.isfinite(stats).all():
-            fail(f"non-finite loss at iteration {iteration}; the last good checkpoint is kept ({ckpt_path if args.save_model else 'none saved: use --save-model'})")
+            kept = ckpt_path if args.save_model else "none saved: use --save-model"
+            fail(f"non-finite loss at iteration {iteration}; the last good checkpoint is kept ({kept})")
 
         # ---- logging ----
         pg_loss, v_loss, entropy, approx_kl, clipfrac = stats.tolist()
@@ -767,7 +791,8 @@ if __name__ == "__main__":
         var_y = y_true.var()
         sps = int((global_step - start_step) / (time.time() - start_time))
         scalars = {"charts/SPS": sps, "charts/learning_rate": opts[0].param_groups[0]["lr"], "losses/policy_loss": pg_loss,
-                   "losses/value_loss": v_loss, "losses/entropy": entropy, "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac,
+                   "losses/value_loss": v_loss, "losses/entropy": entropy, "losses/approx_kl": approx_kl,
+                   "losses/clipfrac": clipfrac,
                    "losses/explained_variance": (1 - (y_true - y_pred).var() / var_y).item() if var_y > 0 else float("nan"),
                    "charts/rollout_time": rollout_time, "charts/update_time": update_time, **diag}  # fmt: skip
         if ep_returns:

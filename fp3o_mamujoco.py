@@ -85,7 +85,8 @@ class Args:
     """normalise observations and states with running mean/std statistics (saved in checkpoints)"""
 
     sharing: Literal["full", "partial", "none"] = "full"
-    """parameter sharing: full (one network), partial (actor: shared trunk, per-agent last layer and std; shared critic), none"""
+    """parameter sharing: full (one network), partial (actor: shared trunk, per-agent last layer and std; shared critic),
+    none"""
     hidden_size: int = 64
     """width of the two hidden ReLU layers"""
     learning_rate: float = 1e-5
@@ -101,7 +102,8 @@ class Args:
     update_epochs: int = 5
     """epochs of each of the two FP3O steps"""
     clip_coef: Optional[float] = None
-    """clipping coefficient of the surrogate and the value loss; None: table E.3 (0.05 on Walker2d 2x3, Hopper 3x1, else 0.2)"""
+    """clipping coefficient of the surrogate and the value loss; None: table E.3 (0.05 on Walker2d 2x3, Hopper 3x1,
+    else 0.2)"""
     ent_coef: float = 0.001
     """coefficient of the entropy"""
     vf_coef: float = 1.0
@@ -215,7 +217,8 @@ class MaMuJoCoAgents(gymnasium.Env):
         for i, a in enumerate(self.names):
             space = self.env.action_space(a)
             self.low[i, : self.act_dims[i]], self.high[i, : self.act_dims[i]] = space.low, space.high
-        self.layout = dict(obs_dims=self.obs_dims, act_dims=self.act_dims, state_dim=self.state_dim, low=self.low, high=self.high)
+        self.layout = dict(obs_dims=self.obs_dims, act_dims=self.act_dims, state_dim=self.state_dim,
+                           low=self.low, high=self.high)
         self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (N * self.obs_dim + self.state_dim,), np.float32)
         self.action_space = gymnasium.spaces.Box(-np.inf, np.inf, (N, A), np.float32)
 
@@ -309,7 +312,8 @@ class MaMuJoCoEnvs:
 
 def make_envs(args, num_envs, asynchronous, device):
     check_task(args.scenario, args.agent_conf, args.agent_obsk)
-    return MaMuJoCoEnvs(args.scenario, args.agent_conf, args.agent_obsk, num_envs, asynchronous, device, args.max_episode_steps)
+    return MaMuJoCoEnvs(args.scenario, args.agent_conf, args.agent_obsk, num_envs, asynchronous, device,
+                        args.max_episode_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -653,14 +657,16 @@ if __name__ == "__main__":
     critic = AgentNet(Nc, S, 1, args.hidden_size, "none" if Nc > 1 else "full", out_gain=1.0).to(device)
     opts = [adam(actor.parameters(), args.learning_rate), adam(critic.parameters(), args.critic_learning_rate)]
     value_norm = ValueNorm().to(device)
-    obs_norm, state_norm = RunningNorm((N, 1, O), args.normalize_obs).to(device), RunningNorm((S,), args.normalize_obs).to(device)
+    obs_norm = RunningNorm((N, 1, O), args.normalize_obs).to(device)
+    state_norm = RunningNorm((S,), args.normalize_obs).to(device)
     if ckpt and args.eval_only:
         actor.load_state_dict(ckpt["actor"]), obs_norm.load_state_dict(ckpt["obs_norm"])
         ret = evaluate(actor, make_envs(args, args.eval_episodes, False, device), obs_norm, args.eval_episodes)
         print(f"eval: episodic_return {ret:.3f} over {args.eval_episodes} episodes")
         sys.exit(0)
     eval_envs = make_envs(args, args.eval_episodes, False, device) if args.eval_interval else None
-    versions = {name: metadata.version(name) for name in ("torch", "gymnasium", "gymnasium-robotics", "mujoco", "numpy", "tyro")}
+    packages = ("torch", "gymnasium", "gymnasium-robotics", "mujoco", "numpy", "tyro")
+    versions = {name: metadata.version(name) for name in packages}
     config = {**asdict(args), "env_id": env_id, "versions": versions}
     if args.track:
         import wandb
@@ -722,7 +728,8 @@ if __name__ == "__main__":
                 adv = adv * torch.distributions.Dirichlet(torch.ones(T * E, N, device=device)).sample().T
             else:  # A^i = A / n (average split)
                 adv = adv / N
-            b = {"obs": obs_norm(flat(buf["obs"])), "state": state_norm(buf["state"][:T].reshape(1, T * E, S)).expand(Nc, -1, -1),
+            b = {"obs": obs_norm(flat(buf["obs"])),
+                 "state": state_norm(buf["state"][:T].reshape(1, T * E, S)).expand(Nc, -1, -1),
                  "actions": flat(buf["actions"]), "mean": flat(buf["mean"]), "values": flat(values[:T]),
                  "returns_n": flat(value_norm.normalize(returns)), "adv": standardize_per_agent(adv),
                  "act_mask": envs.act_mask}  # fmt: skip

@@ -253,7 +253,8 @@ def make_sc2_env(backend: str, map_name: str, seed: int):
     race, sizes = map_name.split("_", 1)
     n_units, n_enemies = (int(x) for x in sizes.split("_vs_"))
     unit_types, exceptions = SMACV2_RACES[race]
-    team_gen = dict(dist_type="weighted_teams", unit_types=unit_types, weights=[0.45, 0.45, 0.1], exception_unit_types=exceptions, observe=True)
+    team_gen = dict(dist_type="weighted_teams", unit_types=unit_types, weights=[0.45, 0.45, 0.1],
+                    exception_unit_types=exceptions, observe=True)
     start = dict(dist_type="surrounded_and_reflect", p=0.5, n_enemies=n_enemies, map_x=32, map_y=32)
     return StarCraftCapabilityEnvWrapper(
         capability_config=dict(n_units=n_units, n_enemies=n_enemies, team_gen=team_gen, start_positions=start),
@@ -317,7 +318,8 @@ class SC2Envs:
         raise RuntimeError(f"StarCraft II game {i} crashed twice in a row")
 
     def _gather(self, results, crashed=False):
-        out = {k: torch.as_tensor(np.stack(v), device=self.device) for k, v in zip(ENV_KEYS, zip(*results, strict=True), strict=True)}
+        columns = zip(ENV_KEYS, zip(*results, strict=True), strict=True)
+        out = {k: torch.as_tensor(np.stack(v), device=self.device) for k, v in columns}
         out["truncated"] = torch.zeros_like(out["terminated"])  # a battle's time limit is terminal, as in SMAC
         crashed = torch.as_tensor(crashed, device=self.device)  # a restarted game: its episode is cut, not finished
         out["done"], out["first"] = out["terminated"] & ~crashed, out["terminated"] | crashed
@@ -662,46 +664,59 @@ if __name__ == "__main__":
     N, E, T, A = envs.n_agents, args.num_envs, args.num_steps, envs.n_actions
     print(f"{run_name}: backend {backend}, {N} agents, {A} actions, sharing {args.sharing}, device {device}")
     actor = AgentNet(N, envs.obs_dim, A, args.hidden_size, args.sharing, recurrent=args.actor == "rnn").to(device)
-    critic_sharing = "full" if args.sharing == "partial" else args.sharing  # partial: a policy setting (E.3), as the authors' runner
+    # partial sharing is a setting of the policy networks (E.3, as the authors' runner): the critic is shared
+    critic_sharing = "full" if args.sharing == "partial" else args.sharing
     critic = AgentNet(N, envs.state_dim, 1, args.hidden_size, critic_sharing, out_gain=1.0).to(device)
     opts = [torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5),
             torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)]  # fmt: skip
     value_norm = ValueNorm().to(device)
     if ckpt and args.eval_only:
         actor.load_state_dict(ckpt["actor"])
-        ret, win = evaluate(actor, make_envs(backend, args.map, args.eval_episodes, args.seed, device), args.eval_episodes, device)
+        eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed, device)
+        ret, win = evaluate(actor, eval_envs, args.eval_episodes, device)
         print(f"eval: win_rate {win:.3f}, episodic_return {ret:.3f} over {args.eval_episodes} episodes")
         sys.exit(0)
-    versions = {n: metadata.version(n) for n in ("torch", "jax", "jaxmarl", "smac", "smacv2", "numpy", "tyro") if importable(n)}
-    config = {**asdict(args), "backend": backend, "versions": versions, "sc2_build": sc2_build() if backend != "smax" else None}
+    packages = ("torch", "jax", "jaxmarl", "smac", "smacv2", "numpy", "tyro")
+    versions = {n: metadata.version(n) for n in packages if importable(n)}
+    config = {**asdict(args), "backend": backend, "versions": versions,
+              "sc2_build": sc2_build() if backend != "smax" else None}  # fmt: skip
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=config,
                    name=run_name, group=f"{args.map}__{args.exp_name}__{args.sharing}",
-                   tags=[args.exp_name, args.sharing, args.map, backend], save_code=True, resume="allow", id=run_name)  # fmt: skip
+                   tags=[args.exp_name, args.sharing, args.map, backend], save_code=True, resume="allow",
+                   id=run_name)  # fmt: skip
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
     ckpt_path = f"runs/{run_name}/checkpoint.pt"
     # rollout storage, agents second: [T, N, E, ...]
-    buf = dict(obs=torch.zeros(T, N, E, envs.obs_dim, device=device), state=torch.zeros(T, N, E, envs.state_dim, device=device),
-               avail=torch.zeros(T, N, E, A, dtype=torch.bool, device=device), actions=torch.zeros(T, N, E, dtype=torch.long, device=device),
+    buf = dict(obs=torch.zeros(T, N, E, envs.obs_dim, device=device),
+               state=torch.zeros(T, N, E, envs.state_dim, device=device),
+               avail=torch.zeros(T, N, E, A, dtype=torch.bool, device=device),
+               actions=torch.zeros(T, N, E, dtype=torch.long, device=device),
                logp=torch.zeros(T, N, E, device=device), values=torch.zeros(T, N, E, device=device),
                active=torch.zeros(T, N, E, device=device), starts=torch.zeros(T, E, device=device))  # fmt: skip
     rewards = torch.zeros(T, E, device=device)
     num_iterations = args.total_timesteps // (E * T)
     global_step, first_iteration, win_rate = 0, 1, float("nan")
     nxt = envs.reset(seed=args.seed)
-    h, start = torch.zeros(N, E, args.hidden_size, device=device), torch.ones(E, device=device)  # GRU state; 1: an episode starts
+    # the GRU state, and start = 1 where an episode starts
+    h, start = torch.zeros(N, E, args.hidden_size, device=device), torch.ones(E, device=device)
     if ckpt:
-        for module, key in ((actor, "actor"), (critic, "critic"), (opts[0], "actor_opt"), (opts[1], "critic_opt"), (value_norm, "value_norm")):
+        modules = {"actor": actor, "critic": critic, "actor_opt": opts[0], "critic_opt": opts[1], "value_norm": value_norm}
+        for key, module in modules.items():
             module.load_state_dict(ckpt[key])
         global_step, first_iteration, win_rate = ckpt["global_step"], ckpt["iteration"] + 1, ckpt["win_rate"]
         if ckpt["env_state"] is not None:  # SMAX: continue the very same episodes
             envs.set_state(ckpt["env_state"])
-            nxt, h, start = ({k: v.to(device) for k, v in ckpt["next"].items()}, ckpt["h"].to(device), ckpt["start"].to(device))
-        torch.set_rng_state(ckpt["rng"]["torch"]), np.random.set_state(ckpt["rng"]["numpy"]), random.setstate(ckpt["rng"]["python"])
-    progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True) if args.progress_bar else None
+            nxt = {k: v.to(device) for k, v in ckpt["next"].items()}
+            h, start = ckpt["h"].to(device), ckpt["start"].to(device)
+        torch.set_rng_state(ckpt["rng"]["torch"]), np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+    progress = None
+    if args.progress_bar:
+        progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True)
     start_time, start_step = time.time(), global_step
 
     for iteration in range(first_iteration, num_iterations + 1):
@@ -725,7 +740,8 @@ if __name__ == "__main__":
             next_value = critic(nxt["state"].transpose(0, 1)[None])[0][0, ..., 0]
             # GAE on de-normalised values; every agent sees the team reward and its own V(s, o^i)
             values_d, next_value_d = value_norm.denormalize(buf["values"]), value_norm.denormalize(next_value)
-            adv, returns = compute_gae(rewards[:, None], values_d, buf["starts"][:, None], next_value_d, start, args.gamma, args.gae_lambda)
+            adv, returns = compute_gae(rewards[:, None], values_d, buf["starts"][:, None], next_value_d, start,
+                                       args.gamma, args.gae_lambda)  # fmt: skip
             value_norm.update(returns[buf["active"].bool()])
             split = torch.full((N,), 1.0 / N, device=device)  # A^i = A / n (average split)
             if args.advantage_split == "random":  # A^i = w^i A with random weights summing to 1 (F.4)
@@ -758,7 +774,8 @@ if __name__ == "__main__":
         diag.update({f"fp3o/kl_agent{i}": kl[i].item() for i in range(N)})
         update_time = time.time() - t1
         if not torch.isfinite(stats).all():
-            fail(f"non-finite loss at iteration {iteration}; the last good checkpoint is kept ({ckpt_path if args.save_model else 'none saved: use --save-model'})")
+            kept = ckpt_path if args.save_model else "none saved: use --save-model"
+            fail(f"non-finite loss at iteration {iteration}; the last good checkpoint is kept ({kept})")
 
         # ---- logging ----
         pg_loss, v_loss, entropy, approx_kl, clipfrac = stats.tolist()
@@ -767,7 +784,8 @@ if __name__ == "__main__":
         var_y = y_true.var()
         sps = int((global_step - start_step) / (time.time() - start_time))
         scalars = {"charts/SPS": sps, "charts/learning_rate": opts[0].param_groups[0]["lr"], "losses/policy_loss": pg_loss,
-                   "losses/value_loss": v_loss, "losses/entropy": entropy, "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac,
+                   "losses/value_loss": v_loss, "losses/entropy": entropy, "losses/approx_kl": approx_kl,
+                   "losses/clipfrac": clipfrac,
                    "losses/explained_variance": (1 - (y_true - y_pred).var() / var_y).item() if var_y > 0 else float("nan"),
                    "charts/rollout_time": rollout_time, "charts/update_time": update_time, **diag}  # fmt: skip
         if ep_returns:
