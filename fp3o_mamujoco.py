@@ -137,6 +137,44 @@ def fail(message: str):
     sys.exit(2)
 
 
+# what a resumed run may change
+RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar", "torch_threads", "async_envs")
+
+
+def flags_given(argv) -> set:
+    """The Args fields that a command line names: `--clip-coef 0.1`, `--clip_coef=0.1`, `--no-progress-bar`."""
+    names = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    return {name if name in Args.__dataclass_fields__ else name.removeprefix("no_") for name in names}
+
+
+def check_args(args: Args):
+    """Settings that cannot train: one `error:` line (exit status 2) before anything starts."""
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "eval_episodes",
+                 "checkpoint_interval", "learning_rate", "critic_learning_rate", "clip_coef", "max_grad_norm"):
+        if not getattr(args, name) > 0:  # NaN too
+            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        fail(f"--gamma ({args.gamma}) and --gae-lambda ({args.gae_lambda}) must lie in [0, 1]")
+    if (args.num_envs * args.num_steps) % args.num_minibatches:
+        fail(f"--num-envs x --num-steps ({args.num_envs} x {args.num_steps}) must be divisible by --num-minibatches "
+             f"({args.num_minibatches})")
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        fail(f"--total-timesteps ({args.total_timesteps}) is less than one iteration, --num-envs x --num-steps")
+
+
+def load_checkpoint(path: str) -> dict:
+    """This script's checkpoint at `path`, or one `error:` line that says what is wrong with the file."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at '{path}'")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, corrupt, or not a torch file
+        fail(f"cannot read the checkpoint '{path}' ({type(e).__name__}): resume from an earlier one")
+    if not (isinstance(ckpt, dict) and "actor" in ckpt and set(ckpt.get("args", ())) <= set(Args.__dataclass_fields__)):
+        fail(f"'{path}' is not a checkpoint of {os.path.basename(__file__)} (--save-model writes one)")
+    return ckpt
+
+
 def default_clip_coef(scenario: str, agent_conf: str) -> float:
     """Table E.3: PPO clip 0.05 on 2-Agent Walker [2x3] and 3-Agent Hopper [3x1], 0.2 elsewhere."""
     return 0.05 if (scenario, agent_conf) in {("Walker2d", "2x3"), ("Hopper", "3x1")} else 0.2
@@ -626,19 +664,21 @@ if __name__ == "__main__":
         args = tyro.cli(Args)
     except SystemExit as e:  # tyro has printed what is wrong; --help exits with 0
         fail("invalid command line (see above; --help lists the options)") if e.code else sys.exit(0)
-    ckpt = None
+    ckpt, given = None, flags_given(sys.argv[1:])
     if args.resume:
-        if not os.path.isfile(args.resume):
-            fail(f"no checkpoint at '{args.resume}'")
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        keep = ("resume", "eval_only", "total_timesteps", "track", "progress_bar", "torch_threads", "async_envs")
-        cli = {k: getattr(args, k) for k in keep}
+        extra = ", ".join("--" + name.replace("_", "-") for name in sorted(given - set(RESUME_FLAGS)))
+        if extra:
+            fail(f"--resume continues the saved run with its own settings: drop {extra} (with --resume only --eval-only, "
+                 "--total-timesteps, --track, --[no-]progress-bar, --torch-threads and --[no-]async-envs apply)")
+        ckpt = load_checkpoint(args.resume)
+        cli = {k: getattr(args, k) for k in RESUME_FLAGS if k in given or k == "resume"}
         args = Args(**{**ckpt["args"], **cli, "save_model": True})
+    elif args.eval_only:
+        fail("--eval-only evaluates a saved model: add --resume runs/<run>/checkpoint.pt")
     if args.clip_coef is None:
         args.clip_coef = default_clip_coef(args.scenario, args.agent_conf)
+    check_args(args)
     E, T = args.num_envs, args.num_steps
-    if (E * T) % args.num_minibatches:
-        fail(f"--num-envs x --num-steps ({E} x {T}) must be divisible by --num-minibatches ({args.num_minibatches})")
     env_id = f"{args.scenario}-{args.agent_conf.replace('|', '_')}-k{args.agent_obsk}"
     run_name = ckpt["run_name"] if ckpt else f"{env_id}__{args.exp_name}__{args.sharing}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)

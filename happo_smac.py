@@ -65,7 +65,7 @@ class Args:
     env_backend: Literal["auto", "smax", "smac", "smacv2"] = "auto"
     """auto: the real game when installed, else SMAX (JaxMARL)"""
     total_timesteps: int = 1_000_000
-    """total environment steps of the experiment"""
+    """total environment steps of the experiment (table E.5 sets it for the maps it lists, unless given)"""
     num_envs: int = 128
     """the number of parallel environments (SMAX: one jitted call steps them all, so use many)"""
     num_steps: int = 25
@@ -74,7 +74,7 @@ class Args:
     sharing: Literal["full", "partial", "none"] = "full"
     """parameter sharing: full (one network), partial (actor: shared trunk, per-agent last layer; shared critic), none"""
     actor: Literal["rnn", "mlp"] = "rnn"
-    """actor network: GRU after two ReLU layers, or an MLP"""
+    """actor network: GRU after two ReLU layers, or an MLP (table E.5 sets it for the maps it lists, unless given)"""
     hidden_size: int = 64
     """width of every hidden layer and of the GRU"""
     learning_rate: float = 5e-4
@@ -90,7 +90,7 @@ class Args:
     update_epochs: int = 5
     """epochs of each agent's turn (Algorithm 3 line 11); the critic trains in every turn too, on that agent's samples"""
     clip_coef: float = 0.2
-    """the surrogate clipping coefficient (also clips the value function)"""
+    """the surrogate clipping coefficient (also clips the value function; table E.5 sets it for its maps, unless given)"""
     ent_coef: float = 0.01
     """coefficient of the entropy"""
     vf_coef: float = 1.0
@@ -104,10 +104,68 @@ class Args:
     """update the agents in the order 0..n-1 every iteration instead of a fresh random permutation"""
 
 
+# Table E.5 of the FP3O paper: per map the PPO clip, the actor network and the steps under full / partial / none sharing
+# (None: not in the paper). For the chosen map they replace Args' defaults, except where the command line gives the flag.
+PAPER_MAP_SETTINGS = {
+    "bane_vs_bane": (0.2, "rnn", (2_000_000, 2_000_000, 2_000_000)),
+    "2c_vs_64zg": (0.2, "rnn", (5_000_000, 5_000_000, 5_000_000)),
+    "3s5z": (0.2, "rnn", (5_000_000, 5_000_000, 5_000_000)),
+    "5m_vs_6m": (0.05, "rnn", (8_000_000, 10_000_000, 10_000_000)),
+    "corridor": (0.2, "mlp", (8_000_000, 10_000_000, 10_000_000)),
+    "6h_vs_8z": (0.2, "mlp", (10_000_000, 15_000_000, 20_000_000)),
+    "10m_vs_11m": (0.2, "rnn", (8_000_000, None, None)),
+    "3s5z_vs_3s6z": (0.05, "rnn", (12_000_000, None, None)),
+}
+RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar")  # what a resumed run may change
+
+
+def flags_given(argv) -> set:
+    """The Args fields that a command line names: `--clip-coef 0.1`, `--clip_coef=0.1`, `--no-progress-bar`."""
+    names = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    return {name if name in Args.__dataclass_fields__ else name.removeprefix("no_") for name in names}
+
+
+def apply_paper_settings(args: Args, given: set) -> dict:
+    """Set table E.5's values for args.map and args.sharing on `args`, except the `given` flags; returns them."""
+    clip_coef, actor, steps = PAPER_MAP_SETTINGS.get(args.map, (None, None, (None, None, None)))
+    table = dict(clip_coef=clip_coef, actor=actor, total_timesteps=steps[("full", "partial", "none").index(args.sharing)])
+    used = {name: value for name, value in table.items() if value is not None and name not in given}
+    for name, value in used.items():
+        setattr(args, name, value)
+    return used
+
+
 def fail(message: str):
     """One clear line on stderr and a non-zero exit, no traceback."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_args(args: Args):
+    """Settings that cannot train: one `error:` line (exit status 2) before anything starts."""
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "eval_episodes",
+                 "checkpoint_interval", "learning_rate", "critic_learning_rate", "clip_coef", "max_grad_norm"):
+        if not getattr(args, name) > 0:  # NaN too
+            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        fail(f"--gamma ({args.gamma}) and --gae-lambda ({args.gae_lambda}) must lie in [0, 1]")
+    if args.num_envs % args.num_minibatches:
+        fail(f"--num-envs ({args.num_envs}) must be divisible by --num-minibatches ({args.num_minibatches})")
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        fail(f"--total-timesteps ({args.total_timesteps}) is less than one iteration, --num-envs x --num-steps")
+
+
+def load_checkpoint(path: str) -> dict:
+    """This script's checkpoint at `path`, or one `error:` line that says what is wrong with the file."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at '{path}'")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, corrupt, or not a torch file
+        fail(f"cannot read the checkpoint '{path}' ({type(e).__name__}): resume from an earlier one")
+    if not (isinstance(ckpt, dict) and "actor" in ckpt and set(ckpt.get("args", ())) <= set(Args.__dataclass_fields__)):
+        fail(f"'{path}' is not a checkpoint of {os.path.basename(__file__)} (--save-model writes one)")
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -646,15 +704,21 @@ if __name__ == "__main__":
         if e.code:
             fail("invalid command line (see above; --help lists the options)")
         raise
-    ckpt = None
+    ckpt, given = None, flags_given(sys.argv[1:])
     if args.resume:
-        if not os.path.isfile(args.resume):
-            fail(f"no checkpoint at '{args.resume}'")
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        cli = {k: getattr(args, k) for k in ("resume", "eval_only", "total_timesteps", "track", "progress_bar")}
+        extra = ", ".join("--" + name.replace("_", "-") for name in sorted(given - set(RESUME_FLAGS)))
+        if extra:
+            fail(f"--resume continues the saved run with its own settings: drop {extra} (with --resume only --eval-only, "
+                 "--total-timesteps, --track and --[no-]progress-bar apply)")
+        ckpt = load_checkpoint(args.resume)
+        cli = {k: getattr(args, k) for k in RESUME_FLAGS if k in given or k == "resume"}
         args = Args(**{**ckpt["args"], **cli, "save_model": True})
-    if args.num_envs % args.num_minibatches:
-        fail(f"--num-envs ({args.num_envs}) must be divisible by --num-minibatches ({args.num_minibatches})")
+    elif args.eval_only:
+        fail("--eval-only evaluates a saved model: add --resume runs/<run>/checkpoint.pt")
+    elif paper := apply_paper_settings(args, given):
+        settings = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in paper.items())
+        print(f"{args.map} with {args.sharing} sharing: {settings} (table E.5 of the paper; a flag given wins)")
+    check_args(args)
     backend = choose_backend(args.env_backend, args.map)
     run_name = ckpt["run_name"] if ckpt else f"{args.map}__{args.exp_name}__{args.sharing}__{args.seed}__{int(time.time())}"
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)

@@ -122,6 +122,41 @@ MPE_ENVS = {  # task: the options of its parallel_env that the flags may set (be
 }
 
 
+RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar")  # what a resumed run may change
+
+
+def flags_given(argv) -> set:
+    """The Args fields that a command line names: `--clip-coef 0.1`, `--clip_coef=0.1`, `--no-progress-bar`."""
+    names = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    return {name if name in Args.__dataclass_fields__ else name.removeprefix("no_") for name in names}
+
+
+def check_args(args: Args):
+    """Settings that cannot train: one `error:` line (exit status 2) before anything starts."""
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "eval_episodes",
+                 "checkpoint_interval", "max_cycles", "learning_rate", "critic_learning_rate", "clip_coef",
+                 "max_grad_norm"):
+        if not getattr(args, name) > 0:  # NaN too
+            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        fail(f"--gamma ({args.gamma}) and --gae-lambda ({args.gae_lambda}) must lie in [0, 1]")
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        fail(f"--total-timesteps ({args.total_timesteps}) is less than one iteration, --num-envs x --num-steps")
+
+
+def load_checkpoint(path: str) -> dict:
+    """This script's checkpoint at `path`, or one `error:` line that says what is wrong with the file."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at '{path}'")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, corrupt, or not a torch file
+        fail(f"cannot read the checkpoint '{path}' ({type(e).__name__}): resume from an earlier one")
+    if not (isinstance(ckpt, dict) and "actor" in ckpt and set(ckpt.get("args", ())) <= set(Args.__dataclass_fields__)):
+        fail(f"'{path}' is not a checkpoint of {os.path.basename(__file__)} (--save-model writes one)")
+    return ckpt
+
+
 def env_options(args: Args) -> dict:
     """The task's keyword arguments from the flags; a clear error for an unknown task or an option it lacks."""
     if args.env not in MPE_ENVS:
@@ -429,19 +464,18 @@ if __name__ == "__main__":
         args = tyro.cli(Args)
     except SystemExit as e:  # tyro has printed what is wrong; --help exits with 0
         fail("invalid command line (see above; --help lists the options)") if e.code else sys.exit(0)
-    ckpt = None
+    ckpt, given = None, flags_given(sys.argv[1:])
     if args.resume:
-        if not os.path.isfile(args.resume):
-            fail(f"no checkpoint at '{args.resume}'")
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        cli = {k: getattr(args, k) for k in ("resume", "eval_only", "total_timesteps", "track", "progress_bar")}
+        extra = ", ".join("--" + name.replace("_", "-") for name in sorted(given - set(RESUME_FLAGS)))
+        if extra:
+            fail(f"--resume continues the saved run with its own settings: drop {extra} (with --resume only --eval-only, "
+                 "--total-timesteps, --track and --[no-]progress-bar apply)")
+        ckpt = load_checkpoint(args.resume)
+        cli = {k: getattr(args, k) for k in RESUME_FLAGS if k in given or k == "resume"}
         args = Args(**{**ckpt["args"], **cli, "save_model": True})
     elif args.eval_only:
         fail("--eval-only evaluates a saved model: add --resume runs/<run>/checkpoint.pt")
-    if min(args.num_envs, args.num_steps, args.num_minibatches, args.update_epochs, args.eval_episodes) < 1:
-        fail("--num-envs, --num-steps, --num-minibatches, --update-epochs and --eval-episodes must be at least 1")
-    if args.total_timesteps < args.num_envs * args.num_steps:
-        fail(f"--total-timesteps ({args.total_timesteps}) is less than one iteration (--num-envs x --num-steps)")
+    check_args(args)
     options = env_options(args)
     run_name = ckpt["run_name"] if ckpt else f"{args.env}__{args.exp_name}__{args.sharing}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)
