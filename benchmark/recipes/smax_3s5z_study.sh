@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# A study on SMAX 3s5z (FP3O paper Table 2's heterogeneous hard map, 8 agents): FP3O, MAPPO and HAPPO x partial and
+# none sharing x seeds 1-3, 1.5M steps per run (FULL=1 adds full sharing). Table 2 runs 5M steps on 3s5z (table E.5);
+# 1.5M is the budget by which FP3O won most SMAX 3s5z evaluation games under partial sharing in earlier runs on this
+# machine, so it can show which algorithm gets there and which does not, at about half an hour of one core per run
+# (~800 steps/s with a second run beside it). Rows at 0.5M and 1M show the speed of learning on the way.
+#
+#   bash benchmark/recipes/smax_3s5z_study.sh               18 runs, two at a time (~5 h on 2 cores)
+#   FULL=1 bash benchmark/recipes/smax_3s5z_study.sh        27 runs
+#   bash benchmark/recipes/smax_3s5z_study.sh --workers 1   one run at a time (other flags go to benchmark/sweep.py)
+#
+# Runs finished before are skipped, so the study can be stopped and continued; the report covers the finished runs
+# and marks the missing seeds. Output: benchmark/results/smax_3s5z/ (table.md with IQM, 95% CIs and probability of
+# improvement, curves against steps, seconds and gradient steps, runs.csv, scalars.csv.gz).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+PY=${PYTHON:-python}
+OUT=${OUT:-benchmark/sweeps/smax_3s5z}
+STEPS=${STEPS:-1500000}
+SHARING=(partial none)
+[ "${FULL:-0}" = 1 ] && SHARING=(partial none full)
+STATUS=0
+$PY benchmark/sweep.py --out "$OUT" --scripts fp3o_smac.py mappo_smac.py happo_smac.py --tasks 3s5z \
+  --sharing "${SHARING[@]}" --seeds 1 2 3 --args="--total-timesteps $STEPS --eval-interval 20" "$@" || STATUS=1
+case " $* " in *" --dry-run "* | *" --slurm "*) exit $STATUS ;; esac
+$PY benchmark/report.py "$OUT" --out-dir benchmark/results/smax_3s5z --at 500000 1000000 \
+  --plot-tags eval/win_rate eval/episodic_return \
+  --title "SMAX 3s5z study: \`bash benchmark/recipes/smax_3s5z_study.sh\` ($STEPS steps per run, evaluation every 64,000 steps, 32 greedy episodes)"
+gzip -9f benchmark/results/smax_3s5z/scalars.csv
+exit $STATUS
