@@ -6,7 +6,9 @@ TensorBoard's EventAccumulator. Written to --out-dir:
   table.md         the paper's table: per task and sharing mode (rows) and algorithm (columns) the final evaluation
                    over seeds: SMAC (runs that log eval/win_rate) median win rate in %, otherwise mean return; +- std
                    over seeds; the best of each row in bold; (n/m seeds) where seeds are missing or incomplete;
-                   with --at, rows for the values at those step budgets too
+                   with --at, rows for the values at those step budgets too; under each table, with rliable
+                   (Agarwal et al., NeurIPS 2021): the interquartile mean over seeds with a 95% stratified-bootstrap
+                   confidence interval, and the probability of improvement of fp3o over each other algorithm
   curves_<task>__<tag>.png   mean and spread over seeds per algorithm, one panel per sharing mode
   scalars.csv      every scalar of every run: run, algorithm, sharing, task, seed, step, tag, value
   runs.csv         every run: labels, exit status, duration, last step, command
@@ -60,6 +62,10 @@ class Args:
     """regular expressions of the tags written to scalars.csv (default: every tag)"""
     title: str = ""
     """a line printed above the tables (e.g. the machine and the recipe)"""
+    bootstrap_reps: int = 2000
+    """bootstrap samples of the confidence intervals (interquartile mean, probability of improvement)"""
+    bootstrap_seed: int = 0
+    """seed of the bootstrap: the same logs give the same table"""
 
 
 @dataclass(eq=False)
@@ -190,7 +196,7 @@ def build_table(runs: List[RunLog], args: Args):
                     notes.append(f"{r.run}: exit status {r.status}, but its logs reach the final step: counted")
             budgets = [(f"{human_steps(b)}", b) for b in args.at] + [(f"final ({human_steps(row_final)})", None)]
             for label, budget in budgets:
-                cells = {}
+                cells, scores = {}, {}
                 for alg in algorithms:
                     vals = []
                     for r in have:
@@ -204,14 +210,15 @@ def build_table(runs: List[RunLog], args: Args):
                         if v is not None and math.isfinite(v):
                             vals.append(v * (100 if percent else 1))
                     cells[alg] = (summarize(vals, stat), len(vals)) if vals else (None, 0)
+                    scores[alg] = vals
                 n_runs = {a: sum(r.algorithm == a for r in row_runs) for a in algorithms}
-                sections.setdefault((tag, stat), []).append((task, sharing, label, cells, len(expected), n_runs))
+                sections.setdefault((tag, stat), []).append((task, sharing, label, cells, len(expected), n_runs, scores))
     lines = []
     for (tag, stat), rows in sections.items():
         what = f"{stat} over seeds ± std" + (", in %" if "win_rate" in tag else "")
         lines += [f"### `{tag}`: {what}", "", "| task | sharing | steps | " + " | ".join(algorithms) + " |",
                   "|---|---|---|" + "---|" * len(algorithms)]  # fmt: skip
-        for task, sharing, label, cells, n_expected, n_runs in rows:
+        for task, sharing, label, cells, n_expected, n_runs, _ in rows:
             shown = {a: round(c[0][0], args.decimals) for a, c in cells.items() if c[0] is not None}
             best = max(shown.values()) if shown else None
             out = []
@@ -225,7 +232,69 @@ def build_table(runs: List[RunLog], args: Args):
                 out.append(text + (f" ({n}/{n_expected} seeds)" if n < n_expected else ""))
             lines.append(f"| {task} | {sharing} | {label} | " + " | ".join(out) + " |")
         lines.append("")
+        lines += rliable_tables(rows, algorithms, tag, args)
     return lines, notes
+
+
+MIN_SEEDS = 3  # fewer seeds than this: no interval estimate (the cell says so)
+
+
+def interval_estimate(scores: List[List[float]], func, args: Args):
+    """rliable's point estimate and 95% stratified-bootstrap confidence interval of func over the runs' scores: one
+    list of seeds' scores per algorithm, each a `runs x tasks` matrix of seeds x 1; (point, low, high)."""
+    from rliable import library as rly
+
+    matrices = [np.asarray(v, dtype=np.float64).reshape(-1, 1) for v in scores]
+    # rliable 1.2's bootstraps draw their resamples from numpy's global generator (not from their random_state):
+    # seed it for this estimate, then put it back as it was
+    state = np.random.get_state()
+    np.random.seed(args.bootstrap_seed)
+    try:
+        point, interval = rly.get_interval_estimates({"x": matrices if len(matrices) > 1 else matrices[0]}, func,
+                                                     reps=args.bootstrap_reps)  # fmt: skip
+    finally:
+        np.random.set_state(state)
+    return float(point["x"]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
+
+
+def interval_cell(scores: List[List[float]], func, decimals: int, args: Args) -> str:
+    """`point [low, high]`, or `n=2 < 3` where an algorithm of the cell has fewer seeds than MIN_SEEDS."""
+    n = min(len(v) for v in scores)
+    if n < MIN_SEEDS:
+        return f"n={n} < {MIN_SEEDS}"
+    point, low, high = interval_estimate(scores, func, args)
+    return f"{point:.{decimals}f} [{low:.{decimals}f}, {high:.{decimals}f}]"
+
+
+def rliable_tables(rows, algorithms: List[str], tag: str, args: Args) -> List[str]:
+    """Markdown lines: the IQM [95% CI] of each algorithm and P(fp3o > baseline) [95% CI] for the rows of a table."""
+    from rliable import metrics
+
+    baselines = [a for a in algorithms if a != "fp3o"] if "fp3o" in algorithms else []
+    how = f"95% stratified-bootstrap CI, rliable, {args.bootstrap_reps} samples, seed {args.bootstrap_seed}"
+    percent = ", in %" if "win_rate" in tag else ""
+    lines = [f"#### `{tag}`: interquartile mean over seeds [{how}]{percent}", "",
+             "| task | sharing | steps | " + " | ".join(algorithms) + " |", "|---|---|---|" + "---|" * len(algorithms)]  # fmt: skip
+    for task, sharing, label, _, _, n_runs, scores in rows:
+        out = []
+        for alg in algorithms:
+            out.append(interval_cell([scores[alg]], metrics.aggregate_iqm, args.decimals, args) if n_runs[alg] else "-")
+        lines.append(f"| {task} | {sharing} | {label} | " + " | ".join(out) + " |")
+    lines.append("")
+    if not baselines:
+        return lines
+    lines += [f"#### `{tag}`: probability of improvement P(fp3o > baseline) [{how}]", "",
+              "| task | sharing | steps | " + " | ".join(f"P(fp3o > {b})" for b in baselines) + " |",
+              "|---|---|---|" + "---|" * len(baselines)]  # fmt: skip
+    for task, sharing, label, _, _, n_runs, scores in rows:
+        out = []
+        for b in baselines:
+            pair = [scores["fp3o"], scores[b]]
+            ran = n_runs["fp3o"] and n_runs[b]
+            out.append(interval_cell(pair, metrics.probability_of_improvement, 2, args) if ran else "-")
+        lines.append(f"| {task} | {sharing} | {label} | " + " | ".join(out) + " |")
+    lines.append("")
+    return lines
 
 
 def curve(runs: List[RunLog], tag: str):

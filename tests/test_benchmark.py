@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, describe, script_env
+from rliable import metrics
 
 
 def load(name):
@@ -77,8 +78,10 @@ def synthetic(tmp_path_factory):
     return folder
 
 
-def table_row(table: str, task: str, sharing: str, steps: str):
-    for line in table.splitlines():
+def table_row(table: str, task: str, sharing: str, steps: str, after: str = ""):
+    """The cells of the algorithms of the first row task/sharing/steps (of the first table after the line `after`)."""
+    start = table.index(after)
+    for line in table[start:].splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells[:2] == [task, sharing] and cells[2].startswith(steps):
             return cells[3:]
@@ -88,7 +91,7 @@ def table_row(table: str, task: str, sharing: str, steps: str):
 @pytest.fixture(scope="module")
 def reported(synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    report.main(report.Args(sweeps=[str(synthetic)], out_dir=str(out), at=[50_000]))
+    report.main(report.Args(sweeps=[str(synthetic)], out_dir=str(out), at=[50_000], bootstrap_reps=500))
     return out, (out / "table.md").read_text()
 
 
@@ -119,6 +122,69 @@ def test_report_values_at_step_budgets(reported):
     assert fp3o == "**30.0 ± 10.8**" and mappo == "15.0 ± 4.1", table  # half of the final values
     fp3o, mappo = table_row(table, "2s3z", "none", "50k")  # the crashed seed (40k) did not reach 50k either
     assert fp3o == "45.0 ± 0.0" and mappo == "**46.5 ± 1.5** (2/3 seeds)", table
+
+
+IQM = "`eval/win_rate`: interquartile mean"
+IMPROVEMENT = "`eval/win_rate`: probability of improvement"
+
+
+def interval(cell: str):
+    """(point, low, high) of a cell `point [low, high]`."""
+    point, low, high = map(float, re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", cell).groups())
+    return point, low, high
+
+
+def test_report_iqm_intervals_contain_the_point_estimate(reported):
+    _, table = reported
+    fp3o, mappo = table_row(table, "2s3z", "full", "final", after=IQM)
+    assert interval(fp3o)[0] == 70.0 and interval(mappo)[0] == 30.0, table  # 3 seeds: the IQM trims none (the mean)
+    cells = [table_row(table, "2s3z", "full", steps, after=IQM) for steps in ("50k", "final")]
+    cells += [table_row(table, "HalfCheetah-6x1", "full", steps, after="`eval/episodic_return`: interquartile mean")[:1]
+              for steps in ("50k", "final")]  # fmt: skip
+    for cell in sum(cells, []):
+        point, low, high = interval(cell)
+        assert low <= point <= high and low < high, table
+    fp3o, _ = table_row(table, "2s3z", "none", "final", after=IQM)
+    assert fp3o == "90.0 [90.0, 90.0]", table  # equal seeds: nothing to resample
+    assert "95% stratified-bootstrap CI, rliable, 500 samples, seed 0" in table
+
+
+def test_report_iqm_trims_a_quarter_and_bootstrap_is_seeded():
+    args = report.Args(sweeps=[], bootstrap_reps=500)
+    scores = [[0.0, 1.0, 2.0, 3.0, 10.0]]
+    point, low, high = report.interval_estimate(scores, metrics.aggregate_iqm, args)
+    assert point == 2.0 and 0.0 <= low < point < high <= 10.0  # the mean of 1, 2, 3: one seed cut at each end
+    assert report.interval_estimate(scores, metrics.aggregate_iqm, args) == (point, low, high)
+    args.bootstrap_seed = 1
+    assert report.interval_estimate(scores, metrics.aggregate_iqm, args) != (point, low, high)
+    np.random.seed(5)
+    expected = np.random.random()
+    np.random.seed(5)
+    report.interval_estimate(scores, metrics.aggregate_iqm, args)
+    assert np.random.random() == expected  # numpy's global generator is left as it was
+
+
+def test_report_probability_of_improvement(reported):
+    _, table = reported
+    # 2s3z, sharing full: every FP3O seed beats every MAPPO seed, at every budget
+    assert table_row(table, "2s3z", "full", "final", after=IMPROVEMENT) == ["1.00 [1.00, 1.00]"], table
+    assert table_row(table, "2s3z", "full", "50k", after=IMPROVEMENT) == ["1.00 [1.00, 1.00]"], table
+    assert "| task | sharing | steps | P(fp3o > mappo) |" in table
+    args = report.Args(sweeps=[], bootstrap_reps=200)
+    tie = report.interval_estimate([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], metrics.probability_of_improvement, args)
+    assert tie[0] == 0.5 and tie[1] < 0.5 < tie[2]
+    worse = report.interval_estimate([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], metrics.probability_of_improvement, args)
+    assert worse == (0.0, 0.0, 0.0)
+
+
+def test_report_marks_cells_with_fewer_than_three_seeds(reported):
+    _, table = reported
+    assert table_row(table, "2s3z", "none", "final", after=IQM) == ["90.0 [90.0, 90.0]", "n=2 < 3"], table
+    assert table_row(table, "2s3z", "none", "final", after=IMPROVEMENT) == ["n=2 < 3"], table
+    after = "`eval/episodic_return`: interquartile mean"
+    assert table_row(table, "HalfCheetah-6x1", "full", "final", after=after)[1] == "n=2 < 3", table
+    after = "`eval/episodic_return`: probability of improvement"
+    assert table_row(table, "HalfCheetah-6x1", "full", "final", after=after) == ["n=2 < 3"], table
 
 
 def test_report_csv_and_plots(reported):
@@ -160,6 +226,8 @@ def test_report_cli_on_plain_runs_folder(tmp_path):
     assert proc.returncode == 0, describe(proc)
     table = (tmp_path / "out" / "table.md").read_text()
     assert table_row(table, "3m", "partial", "final") == ["50.0 ± 25.0"], table
+    assert table_row(table, "3m", "partial", "final", after="interquartile mean") == ["n=2 < 3"], table
+    assert "P(fp3o >" not in table  # no baseline to compare with
     proc = run_tool("report.py", tmp_path / "nothing", cwd=tmp_path)
     assert proc.returncode == 2 and "no runs found" in proc.stderr, describe(proc)
 
