@@ -9,7 +9,9 @@ TensorBoard's EventAccumulator. Written to --out-dir:
                    with --at, rows for the values at those step budgets too; under each table, with rliable
                    (Agarwal et al., NeurIPS 2021): the interquartile mean over seeds with a 95% stratified-bootstrap
                    confidence interval, and the probability of improvement of fp3o over each other algorithm
-  curves_<task>__<tag>.png   mean and spread over seeds per algorithm, one panel per sharing mode
+  curves_<task>__<tag>.png   mean and spread over seeds per algorithm, one panel per sharing mode, against
+                   environment steps; ..__seconds.png against wall-clock seconds from the run's first event;
+                   ..__gradient_steps.png against the actor optimiser steps of `charts/gradient_steps`
   scalars.csv      every scalar of every run: run, algorithm, sharing, task, seed, step, tag, value
   runs.csv         every run: labels, exit status, duration, last step, command
 
@@ -79,7 +81,8 @@ class RunLog:
     duration_s: Optional[float] = None
     command: str = ""
     logdir: Optional[str] = None
-    scalars: Dict[str, np.ndarray] = field(default_factory=dict)  # tag -> [K, 2] (step, value), sorted by step
+    # tag -> [K, 3] (step, value, wall-clock seconds since the run's first event), sorted by step
+    scalars: Dict[str, np.ndarray] = field(default_factory=dict)
 
     def last_step(self) -> int:
         return int(max((s[-1, 0] for s in self.scalars.values() if len(s)), default=0))
@@ -93,13 +96,15 @@ def algorithm_label(exp_name: str) -> str:
 
 
 def read_scalars(logdir: str) -> Dict[str, np.ndarray]:
-    """{tag: array [K, 2] of (step, value)} of a TensorBoard run folder; a step logged twice keeps its last value."""
+    """{tag: array [K, 3] of (step, value, seconds since the first event)} of a TensorBoard run folder; a step logged
+    twice keeps its last value."""
     acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
     acc.Reload()
     out = {}
     for tag in acc.Tags()["scalars"]:
-        by_step = {e.step: e.value for e in acc.Scalars(tag)}
-        out[tag] = np.array(sorted(by_step.items()), dtype=np.float64).reshape(-1, 2)
+        start = acc.FirstEventTimestamp()
+        by_step = {e.step: (e.value, e.wall_time - start) for e in acc.Scalars(tag)}
+        out[tag] = np.array([(step, *v) for step, v in sorted(by_step.items())], dtype=np.float64).reshape(-1, 3)
     return out
 
 
@@ -297,9 +302,31 @@ def rliable_tables(rows, algorithms: List[str], tag: str, args: Args) -> List[st
     return lines
 
 
-def curve(runs: List[RunLog], tag: str):
-    """Steps, mean, std, min, max over the runs' curves interpolated on a common grid (no extrapolation)."""
-    series = [r.scalars[tag] for r in runs if tag in r.scalars and len(r.scalars[tag])]
+GRADIENT_STEPS = "charts/gradient_steps"  # cumulative actor optimiser steps, logged by the training scripts
+X_AXES = {"steps": "environment steps", "seconds": "wall-clock seconds", "gradient_steps": "gradient steps"}
+
+
+def x_values(run: RunLog, tag: str, x: str) -> Optional[np.ndarray]:
+    """The x of each value of `tag`: its environment step, its seconds since the run's first event, or the gradient
+    steps done by then (from GRADIENT_STEPS, interpolated at the tag's steps); None where the run lacks what it needs."""
+    s = run.scalars[tag]
+    if x == "steps":
+        return s[:, 0]
+    if x == "seconds":
+        return s[:, 2]
+    grad = run.scalars.get(GRADIENT_STEPS)
+    if grad is None or not len(grad):
+        return None
+    return np.interp(s[:, 0], grad[:, 0], grad[:, 1], left=0.0)  # no update before the first logged one
+
+
+def curve(runs: List[RunLog], tag: str, x: str = "steps"):
+    """x, mean, std, min, max over the runs' curves interpolated on a common grid (no extrapolation); `x`: a key of
+    X_AXES."""
+    series = []
+    for r in runs:
+        if tag in r.scalars and len(r.scalars[tag]) and (xs := x_values(r, tag, x)) is not None:
+            series.append(np.stack([xs, r.scalars[tag][:, 1]], 1))
     if not series:
         return None
     steps = np.unique(np.concatenate([s[:, 0] for s in series]))
@@ -323,34 +350,41 @@ def plot_curves(runs: List[RunLog], args: Args) -> List[str]:
 
     written = []
     algorithms = args.algorithms or list(dict.fromkeys(r.algorithm for r in runs))
+    x_axes = list(X_AXES)
+    if not any(GRADIENT_STEPS in r.scalars for r in runs):
+        x_axes.remove("gradient_steps")
+        print(f"note: no run logs `{GRADIENT_STEPS}`: no curves against gradient steps")
     for task in dict.fromkeys(r.task for r in runs):
         task_runs = [r for r in runs if r.task == task and r.algorithm in algorithms]
         sharings = sorted({r.sharing for r in task_runs}, key=lambda s: (SHARING_ORDER.get(s, 9), s))
         for tag in args.plot_tags or [table_metric(task_runs, args.tag, args.stat)[0]]:
-            fig, axes = plt.subplots(1, len(sharings), figsize=(4.2 * len(sharings), 3.4), sharey=True, squeeze=False)
-            drawn = False
-            for ax, sharing in zip(axes[0], sharings, strict=True):
-                for k, alg in enumerate(algorithms):
-                    c = curve([r for r in task_runs if r.sharing == sharing and r.algorithm == alg], tag)
-                    if c is None:
-                        continue
-                    steps, mean, std, lo, hi, n = c
-                    line = ax.plot(steps, mean, label=f"{alg} (n={n})", color=f"C{k}")[0]
-                    if args.band != "none":
-                        low, high = (mean - std, mean + std) if args.band == "std" else (lo, hi)
-                        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-                    drawn = True
-                ax.set_title(f"{task}, sharing {sharing}")
-                ax.set_xlabel("environment steps")
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=8)
-            axes[0][0].set_ylabel(f"{tag} (mean, {'+- std' if args.band == 'std' else args.band})")
-            if drawn:
-                path = os.path.join(args.out_dir, f"curves_{task}__{re.sub(r'[^A-Za-z0-9]+', '_', tag)}.png")
-                fig.tight_layout()
-                fig.savefig(path, dpi=110)
-                written.append(path)
-            plt.close(fig)
+            for x in x_axes:
+                fig, axes = plt.subplots(1, len(sharings), figsize=(4.2 * len(sharings), 3.4), sharey=True, squeeze=False)
+                drawn = False
+                for ax, sharing in zip(axes[0], sharings, strict=True):
+                    for k, alg in enumerate(algorithms):
+                        c = curve([r for r in task_runs if r.sharing == sharing and r.algorithm == alg], tag, x)
+                        if c is None:
+                            continue
+                        steps, mean, std, lo, hi, n = c
+                        line = ax.plot(steps, mean, label=f"{alg} (n={n})", color=f"C{k}")[0]
+                        if args.band != "none":
+                            low, high = (mean - std, mean + std) if args.band == "std" else (lo, hi)
+                            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+                        drawn = True
+                    ax.set_title(f"{task}, sharing {sharing}")
+                    ax.set_xlabel(X_AXES[x])
+                    ax.grid(alpha=0.3)
+                    if ax.lines:
+                        ax.legend(fontsize=8)
+                axes[0][0].set_ylabel(f"{tag} (mean, {'+- std' if args.band == 'std' else args.band})")
+                if drawn:
+                    suffix = "" if x == "steps" else f"__{x}"
+                    path = os.path.join(args.out_dir, f"curves_{task}__{re.sub(r'[^A-Za-z0-9]+', '_', tag)}{suffix}.png")
+                    fig.tight_layout()
+                    fig.savefig(path, dpi=110)
+                    written.append(path)
+                plt.close(fig)
     return written
 
 
@@ -363,7 +397,7 @@ def write_csvs(runs: List[RunLog], args: Args):
             for tag, s in sorted(r.scalars.items()):
                 if patterns and not any(p.search(tag) for p in patterns):
                     continue
-                for step, value in s:
+                for step, value in s[:, :2]:
                     w.writerow([r.run, r.algorithm, r.sharing, r.task, r.seed, int(step), tag, repr(float(value))])
     with open(os.path.join(args.out_dir, "runs.csv"), "w", newline="") as f:
         w = csv.writer(f)
