@@ -409,6 +409,9 @@ def write_csvs(runs: List[RunLog], args: Args):
 
 def main(args: Args, cli: Optional[List[str]] = None):
     """`cli`: the command-line arguments, quoted in table.md."""
+    if args.bootstrap_reps < 1:
+        print(f"error: --bootstrap-reps must be at least 1, got {args.bootstrap_reps}", file=sys.stderr)
+        sys.exit(2)
     runs = find_runs(args.sweeps)
     if not runs:
         print(f"error: no runs found in {', '.join(args.sweeps)}", file=sys.stderr)

@@ -262,6 +262,8 @@ def test_report_cli_on_plain_runs_folder(tmp_path):
     assert pngs == ["curves_3m__eval_win_rate.png", "curves_3m__eval_win_rate__seconds.png"]
     proc = run_tool("report.py", tmp_path / "nothing", cwd=tmp_path)
     assert proc.returncode == 2 and "no runs found" in proc.stderr, describe(proc)
+    proc = run_tool("report.py", tmp_path, "--bootstrap-reps", "0", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --bootstrap-reps"), describe(proc)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
