@@ -6,8 +6,12 @@ TensorBoard's EventAccumulator. Written to --out-dir:
   table.md         the paper's table: per task and sharing mode (rows) and algorithm (columns) the final evaluation
                    over seeds: SMAC (runs that log eval/win_rate) median win rate in %, otherwise mean return; +- std
                    over seeds; the best of each row in bold; (n/m seeds) where seeds are missing or incomplete;
-                   with --at, rows for the values at those step budgets too
-  curves_<task>__<tag>.png   mean and spread over seeds per algorithm, one panel per sharing mode
+                   with --at, rows for the values at those step budgets too; under each table, with rliable
+                   (Agarwal et al., NeurIPS 2021): the interquartile mean over seeds with a 95% stratified-bootstrap
+                   confidence interval, and the probability of improvement of fp3o over each other algorithm
+  curves_<task>__<tag>.png   mean and spread over seeds per algorithm, one panel per sharing mode, against
+                   environment steps; ..__seconds.png against wall-clock seconds from the run's first event;
+                   ..__gradient_steps.png against the actor optimiser steps of `charts/gradient_steps`
   scalars.csv      every scalar of every run: run, algorithm, sharing, task, seed, step, tag, value
   runs.csv         every run: labels, exit status, duration, last step, command
 
@@ -60,6 +64,10 @@ class Args:
     """regular expressions of the tags written to scalars.csv (default: every tag)"""
     title: str = ""
     """a line printed above the tables (e.g. the machine and the recipe)"""
+    bootstrap_reps: int = 2000
+    """bootstrap samples of the confidence intervals (interquartile mean, probability of improvement)"""
+    bootstrap_seed: int = 0
+    """seed of the bootstrap: the same logs give the same table"""
 
 
 @dataclass(eq=False)
@@ -73,7 +81,8 @@ class RunLog:
     duration_s: Optional[float] = None
     command: str = ""
     logdir: Optional[str] = None
-    scalars: Dict[str, np.ndarray] = field(default_factory=dict)  # tag -> [K, 2] (step, value), sorted by step
+    # tag -> [K, 3] (step, value, wall-clock seconds since the run's first event), sorted by step
+    scalars: Dict[str, np.ndarray] = field(default_factory=dict)
 
     def last_step(self) -> int:
         return int(max((s[-1, 0] for s in self.scalars.values() if len(s)), default=0))
@@ -87,13 +96,15 @@ def algorithm_label(exp_name: str) -> str:
 
 
 def read_scalars(logdir: str) -> Dict[str, np.ndarray]:
-    """{tag: array [K, 2] of (step, value)} of a TensorBoard run folder; a step logged twice keeps its last value."""
+    """{tag: array [K, 3] of (step, value, seconds since the first event)} of a TensorBoard run folder; a step logged
+    twice keeps its last value."""
     acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
     acc.Reload()
     out = {}
     for tag in acc.Tags()["scalars"]:
-        by_step = {e.step: e.value for e in acc.Scalars(tag)}
-        out[tag] = np.array(sorted(by_step.items()), dtype=np.float64).reshape(-1, 2)
+        start = acc.FirstEventTimestamp()
+        by_step = {e.step: (e.value, e.wall_time - start) for e in acc.Scalars(tag)}
+        out[tag] = np.array([(step, *v) for step, v in sorted(by_step.items())], dtype=np.float64).reshape(-1, 3)
     return out
 
 
@@ -190,7 +201,7 @@ def build_table(runs: List[RunLog], args: Args):
                     notes.append(f"{r.run}: exit status {r.status}, but its logs reach the final step: counted")
             budgets = [(f"{human_steps(b)}", b) for b in args.at] + [(f"final ({human_steps(row_final)})", None)]
             for label, budget in budgets:
-                cells = {}
+                cells, scores = {}, {}
                 for alg in algorithms:
                     vals = []
                     for r in have:
@@ -204,14 +215,15 @@ def build_table(runs: List[RunLog], args: Args):
                         if v is not None and math.isfinite(v):
                             vals.append(v * (100 if percent else 1))
                     cells[alg] = (summarize(vals, stat), len(vals)) if vals else (None, 0)
+                    scores[alg] = vals
                 n_runs = {a: sum(r.algorithm == a for r in row_runs) for a in algorithms}
-                sections.setdefault((tag, stat), []).append((task, sharing, label, cells, len(expected), n_runs))
+                sections.setdefault((tag, stat), []).append((task, sharing, label, cells, len(expected), n_runs, scores))
     lines = []
     for (tag, stat), rows in sections.items():
         what = f"{stat} over seeds ± std" + (", in %" if "win_rate" in tag else "")
         lines += [f"### `{tag}`: {what}", "", "| task | sharing | steps | " + " | ".join(algorithms) + " |",
                   "|---|---|---|" + "---|" * len(algorithms)]  # fmt: skip
-        for task, sharing, label, cells, n_expected, n_runs in rows:
+        for task, sharing, label, cells, n_expected, n_runs, _ in rows:
             shown = {a: round(c[0][0], args.decimals) for a, c in cells.items() if c[0] is not None}
             best = max(shown.values()) if shown else None
             out = []
@@ -225,12 +237,96 @@ def build_table(runs: List[RunLog], args: Args):
                 out.append(text + (f" ({n}/{n_expected} seeds)" if n < n_expected else ""))
             lines.append(f"| {task} | {sharing} | {label} | " + " | ".join(out) + " |")
         lines.append("")
+        lines += rliable_tables(rows, algorithms, tag, args)
     return lines, notes
 
 
-def curve(runs: List[RunLog], tag: str):
-    """Steps, mean, std, min, max over the runs' curves interpolated on a common grid (no extrapolation)."""
-    series = [r.scalars[tag] for r in runs if tag in r.scalars and len(r.scalars[tag])]
+MIN_SEEDS = 3  # fewer seeds than this: no interval estimate (the cell says so)
+
+
+def interval_estimate(scores: List[List[float]], func, args: Args):
+    """rliable's point estimate and 95% stratified-bootstrap confidence interval of func over the runs' scores: one
+    list of seeds' scores per algorithm, each a `runs x tasks` matrix of seeds x 1; (point, low, high)."""
+    from rliable import library as rly
+
+    matrices = [np.asarray(v, dtype=np.float64).reshape(-1, 1) for v in scores]
+    # rliable 1.2's bootstraps draw their resamples from numpy's global generator (not from their random_state):
+    # seed it for this estimate, then put it back as it was
+    state = np.random.get_state()
+    np.random.seed(args.bootstrap_seed)
+    try:
+        point, interval = rly.get_interval_estimates({"x": matrices if len(matrices) > 1 else matrices[0]}, func,
+                                                     reps=args.bootstrap_reps)  # fmt: skip
+    finally:
+        np.random.set_state(state)
+    return float(point["x"]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
+
+
+def interval_cell(scores: List[List[float]], func, decimals: int, args: Args) -> str:
+    """`point [low, high]`, or `n=2 < 3` where an algorithm of the cell has fewer seeds than MIN_SEEDS."""
+    n = min(len(v) for v in scores)
+    if n < MIN_SEEDS:
+        return f"n={n} < {MIN_SEEDS}"
+    point, low, high = interval_estimate(scores, func, args)
+    return f"{point:.{decimals}f} [{low:.{decimals}f}, {high:.{decimals}f}]"
+
+
+def rliable_tables(rows, algorithms: List[str], tag: str, args: Args) -> List[str]:
+    """Markdown lines: the IQM [95% CI] of each algorithm and P(fp3o > baseline) [95% CI] for the rows of a table."""
+    from rliable import metrics
+
+    baselines = [a for a in algorithms if a != "fp3o"] if "fp3o" in algorithms else []
+    how = f"95% stratified-bootstrap CI, rliable, {args.bootstrap_reps} samples, seed {args.bootstrap_seed}"
+    percent = ", in %" if "win_rate" in tag else ""
+    lines = [f"#### `{tag}`: interquartile mean over seeds [{how}]{percent}", "",
+             "| task | sharing | steps | " + " | ".join(algorithms) + " |", "|---|---|---|" + "---|" * len(algorithms)]  # fmt: skip
+    for task, sharing, label, _, _, n_runs, scores in rows:
+        out = []
+        for alg in algorithms:
+            out.append(interval_cell([scores[alg]], metrics.aggregate_iqm, args.decimals, args) if n_runs[alg] else "-")
+        lines.append(f"| {task} | {sharing} | {label} | " + " | ".join(out) + " |")
+    lines.append("")
+    if not baselines:
+        return lines
+    lines += [f"#### `{tag}`: probability of improvement P(fp3o > baseline) [{how}]", "",
+              "| task | sharing | steps | " + " | ".join(f"P(fp3o > {b})" for b in baselines) + " |",
+              "|---|---|---|" + "---|" * len(baselines)]  # fmt: skip
+    for task, sharing, label, _, _, n_runs, scores in rows:
+        out = []
+        for b in baselines:
+            pair = [scores["fp3o"], scores[b]]
+            ran = n_runs["fp3o"] and n_runs[b]
+            out.append(interval_cell(pair, metrics.probability_of_improvement, 2, args) if ran else "-")
+        lines.append(f"| {task} | {sharing} | {label} | " + " | ".join(out) + " |")
+    lines.append("")
+    return lines
+
+
+GRADIENT_STEPS = "charts/gradient_steps"  # cumulative actor optimiser steps, logged by the training scripts
+X_AXES = {"steps": "environment steps", "seconds": "wall-clock seconds", "gradient_steps": "gradient steps"}
+
+
+def x_values(run: RunLog, tag: str, x: str) -> Optional[np.ndarray]:
+    """The x of each value of `tag`: its environment step, its seconds since the run's first event, or the gradient
+    steps done by then (from GRADIENT_STEPS, interpolated at the tag's steps); None where the run lacks what it needs."""
+    s = run.scalars[tag]
+    if x == "steps":
+        return s[:, 0]
+    if x == "seconds":
+        return s[:, 2]
+    grad = run.scalars.get(GRADIENT_STEPS)
+    if grad is None or not len(grad):
+        return None
+    return np.interp(s[:, 0], grad[:, 0], grad[:, 1], left=0.0)  # no update before the first logged one
+
+
+def curve(runs: List[RunLog], tag: str, x: str = "steps"):
+    """x, mean, std, min, max over the runs' curves interpolated on a common grid (no extrapolation); `x`: a key of
+    X_AXES."""
+    series = []
+    for r in runs:
+        if tag in r.scalars and len(r.scalars[tag]) and (xs := x_values(r, tag, x)) is not None:
+            series.append(np.stack([xs, r.scalars[tag][:, 1]], 1))
     if not series:
         return None
     steps = np.unique(np.concatenate([s[:, 0] for s in series]))
@@ -254,34 +350,41 @@ def plot_curves(runs: List[RunLog], args: Args) -> List[str]:
 
     written = []
     algorithms = args.algorithms or list(dict.fromkeys(r.algorithm for r in runs))
+    x_axes = list(X_AXES)
+    if not any(GRADIENT_STEPS in r.scalars for r in runs):
+        x_axes.remove("gradient_steps")
+        print(f"note: no run logs `{GRADIENT_STEPS}`: no curves against gradient steps")
     for task in dict.fromkeys(r.task for r in runs):
         task_runs = [r for r in runs if r.task == task and r.algorithm in algorithms]
         sharings = sorted({r.sharing for r in task_runs}, key=lambda s: (SHARING_ORDER.get(s, 9), s))
         for tag in args.plot_tags or [table_metric(task_runs, args.tag, args.stat)[0]]:
-            fig, axes = plt.subplots(1, len(sharings), figsize=(4.2 * len(sharings), 3.4), sharey=True, squeeze=False)
-            drawn = False
-            for ax, sharing in zip(axes[0], sharings, strict=True):
-                for k, alg in enumerate(algorithms):
-                    c = curve([r for r in task_runs if r.sharing == sharing and r.algorithm == alg], tag)
-                    if c is None:
-                        continue
-                    steps, mean, std, lo, hi, n = c
-                    line = ax.plot(steps, mean, label=f"{alg} (n={n})", color=f"C{k}")[0]
-                    if args.band != "none":
-                        low, high = (mean - std, mean + std) if args.band == "std" else (lo, hi)
-                        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-                    drawn = True
-                ax.set_title(f"{task}, sharing {sharing}")
-                ax.set_xlabel("environment steps")
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=8)
-            axes[0][0].set_ylabel(f"{tag} (mean, {'+- std' if args.band == 'std' else args.band})")
-            if drawn:
-                path = os.path.join(args.out_dir, f"curves_{task}__{re.sub(r'[^A-Za-z0-9]+', '_', tag)}.png")
-                fig.tight_layout()
-                fig.savefig(path, dpi=110)
-                written.append(path)
-            plt.close(fig)
+            for x in x_axes:
+                fig, axes = plt.subplots(1, len(sharings), figsize=(4.2 * len(sharings), 3.4), sharey=True, squeeze=False)
+                drawn = False
+                for ax, sharing in zip(axes[0], sharings, strict=True):
+                    for k, alg in enumerate(algorithms):
+                        c = curve([r for r in task_runs if r.sharing == sharing and r.algorithm == alg], tag, x)
+                        if c is None:
+                            continue
+                        steps, mean, std, lo, hi, n = c
+                        line = ax.plot(steps, mean, label=f"{alg} (n={n})", color=f"C{k}")[0]
+                        if args.band != "none":
+                            low, high = (mean - std, mean + std) if args.band == "std" else (lo, hi)
+                            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+                        drawn = True
+                    ax.set_title(f"{task}, sharing {sharing}")
+                    ax.set_xlabel(X_AXES[x])
+                    ax.grid(alpha=0.3)
+                    if ax.lines:
+                        ax.legend(fontsize=8)
+                axes[0][0].set_ylabel(f"{tag} (mean, {'+- std' if args.band == 'std' else args.band})")
+                if drawn:
+                    suffix = "" if x == "steps" else f"__{x}"
+                    path = os.path.join(args.out_dir, f"curves_{task}__{re.sub(r'[^A-Za-z0-9]+', '_', tag)}{suffix}.png")
+                    fig.tight_layout()
+                    fig.savefig(path, dpi=110)
+                    written.append(path)
+                plt.close(fig)
     return written
 
 
@@ -294,7 +397,7 @@ def write_csvs(runs: List[RunLog], args: Args):
             for tag, s in sorted(r.scalars.items()):
                 if patterns and not any(p.search(tag) for p in patterns):
                     continue
-                for step, value in s:
+                for step, value in s[:, :2]:
                     w.writerow([r.run, r.algorithm, r.sharing, r.task, r.seed, int(step), tag, repr(float(value))])
     with open(os.path.join(args.out_dir, "runs.csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -306,6 +409,9 @@ def write_csvs(runs: List[RunLog], args: Args):
 
 def main(args: Args, cli: Optional[List[str]] = None):
     """`cli`: the command-line arguments, quoted in table.md."""
+    if args.bootstrap_reps < 1:
+        print(f"error: --bootstrap-reps must be at least 1, got {args.bootstrap_reps}", file=sys.stderr)
+        sys.exit(2)
     runs = find_runs(args.sweeps)
     if not runs:
         print(f"error: no runs found in {', '.join(args.sweeps)}", file=sys.stderr)

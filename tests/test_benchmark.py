@@ -6,11 +6,13 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ROOT, describe, script_env
+from rliable import metrics
 
 
 def load(name):
@@ -33,6 +35,7 @@ def run_tool(tool, *args, cwd, env=None, timeout=120):
 # report.py on synthetic logs
 # ---------------------------------------------------------------------------------------------------------------------
 EVAL_STEPS = list(range(10_000, 100_001, 10_000))
+SECONDS_PER_STEP = 0.01  # the events' wall_time: 10 s after the run's first event, then 0.01 s per step
 # final values per (task, algorithm, sharing) and seed; curves rise linearly to them
 FINAL = {
     ("2s3z", "fp3o", "full"): [1.0, 0.5, 0.6],  # median 0.6 (mean would be 0.7), std 0.216
@@ -61,12 +64,15 @@ def write_synthetic_sweep(folder: Path):
                 continue
             tag = "eval/win_rate" if task == "2s3z" else "eval/episodic_return"
             writer = SummaryWriter(str(cwd / "runs" / f"{task}__{alg}_smac__{sharing}__{seed}__1700000000"))
+            start = time.time() + 10.0  # the writer's first event is at its creation, just before
             for step in EVAL_STEPS:
                 if crashed and step > 40_000:
                     break
                 value = (0.5 if crashed else final) * step / EVAL_STEPS[-1]
-                writer.add_scalar(tag, value, step)
-                writer.add_scalar("charts/SPS", 1000 + seed, step)
+                writer.add_scalar(tag, value, step, walltime=start + step * SECONDS_PER_STEP)
+                writer.add_scalar("charts/SPS", 1000 + seed, step, walltime=start + step * SECONDS_PER_STEP)
+                if task == "2s3z":  # SMAC runs log their gradient steps; FP3O updates twice per iteration
+                    writer.add_scalar(report.GRADIENT_STEPS, (2 if alg == "fp3o" else 1) * step / 100, step)
             writer.close()
 
 
@@ -77,8 +83,10 @@ def synthetic(tmp_path_factory):
     return folder
 
 
-def table_row(table: str, task: str, sharing: str, steps: str):
-    for line in table.splitlines():
+def table_row(table: str, task: str, sharing: str, steps: str, after: str = ""):
+    """The cells of the algorithms of the first row task/sharing/steps (of the first table after the line `after`)."""
+    start = table.index(after)
+    for line in table[start:].splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells[:2] == [task, sharing] and cells[2].startswith(steps):
             return cells[3:]
@@ -88,7 +96,7 @@ def table_row(table: str, task: str, sharing: str, steps: str):
 @pytest.fixture(scope="module")
 def reported(synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    report.main(report.Args(sweeps=[str(synthetic)], out_dir=str(out), at=[50_000]))
+    report.main(report.Args(sweeps=[str(synthetic)], out_dir=str(out), at=[50_000], bootstrap_reps=500))
     return out, (out / "table.md").read_text()
 
 
@@ -121,13 +129,76 @@ def test_report_values_at_step_budgets(reported):
     assert fp3o == "45.0 ± 0.0" and mappo == "**46.5 ± 1.5** (2/3 seeds)", table
 
 
+IQM = "`eval/win_rate`: interquartile mean"
+IMPROVEMENT = "`eval/win_rate`: probability of improvement"
+
+
+def interval(cell: str):
+    """(point, low, high) of a cell `point [low, high]`."""
+    point, low, high = map(float, re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", cell).groups())
+    return point, low, high
+
+
+def test_report_iqm_intervals_contain_the_point_estimate(reported):
+    _, table = reported
+    fp3o, mappo = table_row(table, "2s3z", "full", "final", after=IQM)
+    assert interval(fp3o)[0] == 70.0 and interval(mappo)[0] == 30.0, table  # 3 seeds: the IQM trims none (the mean)
+    cells = [table_row(table, "2s3z", "full", steps, after=IQM) for steps in ("50k", "final")]
+    cells += [table_row(table, "HalfCheetah-6x1", "full", steps, after="`eval/episodic_return`: interquartile mean")[:1]
+              for steps in ("50k", "final")]  # fmt: skip
+    for cell in sum(cells, []):
+        point, low, high = interval(cell)
+        assert low <= point <= high and low < high, table
+    fp3o, _ = table_row(table, "2s3z", "none", "final", after=IQM)
+    assert fp3o == "90.0 [90.0, 90.0]", table  # equal seeds: nothing to resample
+    assert "95% stratified-bootstrap CI, rliable, 500 samples, seed 0" in table
+
+
+def test_report_iqm_trims_a_quarter_and_bootstrap_is_seeded():
+    args = report.Args(sweeps=[], bootstrap_reps=500)
+    scores = [[0.0, 1.0, 2.0, 3.0, 10.0]]
+    point, low, high = report.interval_estimate(scores, metrics.aggregate_iqm, args)
+    assert point == 2.0 and 0.0 <= low < point < high <= 10.0  # the mean of 1, 2, 3: one seed cut at each end
+    assert report.interval_estimate(scores, metrics.aggregate_iqm, args) == (point, low, high)
+    args.bootstrap_seed = 1
+    assert report.interval_estimate(scores, metrics.aggregate_iqm, args) != (point, low, high)
+    np.random.seed(5)
+    expected = np.random.random()
+    np.random.seed(5)
+    report.interval_estimate(scores, metrics.aggregate_iqm, args)
+    assert np.random.random() == expected  # numpy's global generator is left as it was
+
+
+def test_report_probability_of_improvement(reported):
+    _, table = reported
+    # 2s3z, sharing full: every FP3O seed beats every MAPPO seed, at every budget
+    assert table_row(table, "2s3z", "full", "final", after=IMPROVEMENT) == ["1.00 [1.00, 1.00]"], table
+    assert table_row(table, "2s3z", "full", "50k", after=IMPROVEMENT) == ["1.00 [1.00, 1.00]"], table
+    assert "| task | sharing | steps | P(fp3o > mappo) |" in table
+    args = report.Args(sweeps=[], bootstrap_reps=200)
+    tie = report.interval_estimate([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], metrics.probability_of_improvement, args)
+    assert tie[0] == 0.5 and tie[1] < 0.5 < tie[2]
+    worse = report.interval_estimate([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], metrics.probability_of_improvement, args)
+    assert worse == (0.0, 0.0, 0.0)
+
+
+def test_report_marks_cells_with_fewer_than_three_seeds(reported):
+    _, table = reported
+    assert table_row(table, "2s3z", "none", "final", after=IQM) == ["90.0 [90.0, 90.0]", "n=2 < 3"], table
+    assert table_row(table, "2s3z", "none", "final", after=IMPROVEMENT) == ["n=2 < 3"], table
+    after = "`eval/episodic_return`: interquartile mean"
+    assert table_row(table, "HalfCheetah-6x1", "full", "final", after=after)[1] == "n=2 < 3", table
+    after = "`eval/episodic_return`: probability of improvement"
+    assert table_row(table, "HalfCheetah-6x1", "full", "final", after=after) == ["n=2 < 3"], table
+
+
 def test_report_csv_and_plots(reported):
     out, _ = reported
     with open(out / "scalars.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["run", "algorithm", "sharing", "task", "seed", "step", "tag", "value"]
-    complete = sum(v is not None for finals in FINAL.values() for v in finals) - 1  # one run has no log at all
-    assert len(rows) == 2 * complete * len(EVAL_STEPS) + 2 * 4  # two tags each; the crashed run logged 4 steps
+    # 2s3z: 11 complete runs and a crashed one (4 steps) with three tags; HalfCheetah: 5 runs with logs, two tags
+    assert len(rows) == 3 * 11 * len(EVAL_STEPS) + 3 * 4 + 2 * 5 * len(EVAL_STEPS)
     row = next(r for r in rows if r["run"] == "fp3o__2s3z__full__2" and r["tag"] == "eval/win_rate" and r["step"] == "100000")
     assert (row["algorithm"], row["sharing"], row["task"], row["seed"]) == ("fp3o", "full", "2s3z", "2")
     assert float(row["value"]) == pytest.approx(0.5)
@@ -135,7 +206,10 @@ def test_report_csv_and_plots(reported):
         runs = {r["run"]: r for r in csv.DictReader(f)}
     assert runs["mappo__2s3z__none__3"]["status"] == "1" and runs["mappo__2s3z__none__3"]["last_step"] == "40000"
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["curves_2s3z__eval_win_rate.png", "curves_HalfCheetah-6x1__eval_episodic_return.png"]
+    # HalfCheetah's runs log no gradient steps
+    assert pngs == ["curves_2s3z__eval_win_rate.png", "curves_2s3z__eval_win_rate__gradient_steps.png",
+                    "curves_2s3z__eval_win_rate__seconds.png", "curves_HalfCheetah-6x1__eval_episodic_return.png",
+                    "curves_HalfCheetah-6x1__eval_episodic_return__seconds.png"]  # fmt: skip
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
@@ -149,6 +223,27 @@ def test_report_curve_mean_and_spread_without_extrapolation():
     np.testing.assert_allclose(hi - lo, [1.0, 1.0, 0.0])
 
 
+def test_report_curves_against_seconds_and_gradient_steps(synthetic):
+    run = next(r for r in report.find_runs([str(synthetic)]) if r.run == "fp3o__2s3z__full__1")
+    seconds = run.scalars["eval/win_rate"][:, 2]  # seconds since the run's first event (the writer's creation)
+    np.testing.assert_allclose(np.diff(seconds), np.diff(EVAL_STEPS) * SECONDS_PER_STEP, rtol=1e-6)
+    first = 10.0 + EVAL_STEPS[0] * SECONDS_PER_STEP  # plus the moment between the writer's creation and `start`
+    assert first <= seconds[0] < first + 10.0
+    # two runs: values 0, 1, 2 at steps 0, 10, 20; 4 and 8 gradient steps by steps 10 and 20 (none before), or 2 and 4
+    runs = [report.RunLog(str(k), "x", "t", "full", k, scalars={
+        "v": np.array([[0, 0.0, 0.0], [10, 1.0, 30.0 * k], [20, 2.0, 60.0 * k]]),
+        report.GRADIENT_STEPS: np.array([[10, 4.0 / k, 0.0], [20, 8.0 / k, 0.0]])}) for k in (1, 2)]  # fmt: skip
+    x, mean, *_, n = report.curve(runs[:1], "v", "gradient_steps")
+    assert n == 1 and list(x) == [0, 4, 8] and list(mean) == [0, 1, 2]
+    x, mean, *_ = report.curve(runs, "v", "gradient_steps")
+    assert list(x) == [0, 2, 4, 8] and list(mean) == [0, 0.75, 1.5, 2.0]  # run 2 at 2, 4; run 1 at 4, 8
+    x, mean, *_ = report.curve(runs, "v", "seconds")
+    assert list(x) == [0, 30, 60, 120] and list(mean) == [0, 0.75, 1.5, 2.0]
+    runs[1].scalars.pop(report.GRADIENT_STEPS)
+    assert report.curve(runs, "v", "gradient_steps")[-1] == 1  # a run without gradient steps is left out
+    assert report.curve(runs[1:], "v", "gradient_steps") is None
+
+
 def test_report_cli_on_plain_runs_folder(tmp_path):
     """No sweep records: labels come from the TensorBoard folder names (task__exp_name__sharing__seed__time)."""
     from torch.utils.tensorboard import SummaryWriter
@@ -160,8 +255,15 @@ def test_report_cli_on_plain_runs_folder(tmp_path):
     assert proc.returncode == 0, describe(proc)
     table = (tmp_path / "out" / "table.md").read_text()
     assert table_row(table, "3m", "partial", "final") == ["50.0 ± 25.0"], table
+    assert table_row(table, "3m", "partial", "final", after="interquartile mean") == ["n=2 < 3"], table
+    assert "P(fp3o >" not in table  # no baseline to compare with
+    assert proc.stdout.count("no curves against gradient steps") == 1, describe(proc)  # no run logs them
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert pngs == ["curves_3m__eval_win_rate.png", "curves_3m__eval_win_rate__seconds.png"]
     proc = run_tool("report.py", tmp_path / "nothing", cwd=tmp_path)
     assert proc.returncode == 2 and "no runs found" in proc.stderr, describe(proc)
+    proc = run_tool("report.py", tmp_path, "--bootstrap-reps", "0", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --bootstrap-reps"), describe(proc)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
