@@ -561,16 +561,17 @@ def standardize_per_agent(adv, active):
     return (adv - mean) / (var.sqrt() + 1e-8)
 
 
-def agent_order(rule, adv, active):
+def agent_order(rule, adv, active, generator=None):
     """The agents' order [N]: "fixed" 0..n-1, "random", or "semi-greedy" (section 4): alternately the remaining agent with the
     largest E[|A^i|] over its active samples (adv [T, N, B]) and a uniformly random one, the first pick greedy
     (authors' code)."""
     scores = ((adv.abs() * active).sum((0, 2)) / active.sum((0, 2)).clamp(min=1)).tolist()
     if rule != "semi-greedy":
-        return torch.arange(len(scores)) if rule == "fixed" else torch.randperm(len(scores))
+        return torch.arange(len(scores)) if rule == "fixed" else torch.randperm(len(scores), generator=generator)
     remaining, order = sorted(range(len(scores)), key=lambda i: -scores[i]), []  # largest score first
     while remaining:
-        order.append(remaining.pop(0 if len(order) % 2 == 0 else torch.randint(len(remaining), ()).item()))
+        pick = 0 if len(order) % 2 == 0 else torch.randint(len(remaining), (), generator=generator).item()
+        order.append(remaining.pop(pick))
     return torch.tensor(order)
 
 
@@ -628,12 +629,13 @@ def value_loss_fn(new_values, old_values, returns_n, weights, clip_coef, delta):
     return (torch.max(huber(new_values), huber(clipped)) * weights).sum()
 
 
-def a2po_turn(actor, critic, opts, b, block, clip, epochs, per_agent, args):
+def a2po_turn(actor, critic, opts, b, block, clip, epochs, per_agent, args, generator=None):
     """A block's turn (Algorithm 1 lines 10-12): `epochs` epochs of minibatches over environments, only the `block`'s agents'
     samples in the networks (eq. 6, eps_k = clip [1, N, 1]; critic: b["returns_n"]); others' `per_agent` slices stay intact."""
     B, separate, stats = b["obs"].shape[2], args.sharing == "none", []
     for _ in range(epochs):
-        for mb in torch.randperm(B).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]:  # 1: no gather
+        mbs = torch.randperm(B, generator=generator).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]
+        for mb in mbs:  # one minibatch: no gather
             m = {k: v[:, block][:, :, mb] if v.dim() >= 3 else v[:, mb] for k, v in b.items() if k != "h0"}
             h0 = b["h0"][block][:, mb]
             logp, entropy = evaluate_actions(actor, m["obs"], m["avail"], m["actions"], h0, m["starts"], block)
@@ -671,16 +673,21 @@ def kl_per_agent(logp, b):
     return (((r - 1) - r.log()) * b["active"]).sum((0, 2)) / b["active"].sum((0, 2)).clamp(min=1)
 
 
-def a2po_update(actor, critic, opts, b, trace, order, per_agent, value_norm, args):
-    """Algorithm 1 (2 with a shared actor): the order's blocks take turns; eq. 2's weights and eq. 6's products use the current
-    ratios of the agents that have moved: the preceding blocks' agents, or with a shared actor, where every turn moves every
-    agent, all agents after the first turn (Algorithm 2 line 8: pi_hat = pi_m; appendix B.1).
-    `trace`: eq. 2's rollout inputs."""
+def a2po_update(actor, critic, opts, b, trace, value_norm, args, generator=None):
+    """Algorithm 1 (2 with a shared actor), one iteration on the rollout batch `b`: an agent order, whose blocks take turns;
+    eq. 2's weights and eq. 6's products use the current ratios of the agents that have moved: the preceding blocks' agents,
+    or with a shared actor, where every turn moves every agent, all agents after the first turn (Algorithm 2 line 8:
+    pi_hat = pi_m; appendix B.1). `trace`: eq. 2's rollout inputs; `generator` draws the order and the minibatches (None:
+    torch's global one). Returns (the mean loss stats, the diagnostics to log)."""
     N, device, shared = b["logp"].shape[1], b["logp"].device, args.sharing != "none"
+    gae = preopc_advantages(*trace, torch.ones_like(trace[1]), args.gamma, args.gae_lambda)[0]  # weights 1: the rollout's GAE
+    order = agent_order(args.order, gae, b["active"], generator)  # A^i: every agent's own V, not standardised
+    per_agent = (agent_params(actor, N), agent_params(critic, N))  # per-agent layers (--sharing partial/none)
     blocks, k = torch.tensor_split(order, args.num_blocks or N), torch.empty(N).index_put_((order,), torch.arange(1.0, N + 1))
     clip = args.clip_coef * args.clip_adapt_coef + args.clip_coef * (1 - args.clip_adapt_coef) * k / N  # eps_k (section 4)
     rounds, epochs = (-(-args.update_epochs // len(blocks)), 1) if shared else (1, args.update_epochs)  # Alg. 2 line 5: ceil
     moved, logp, stats, diag = torch.zeros(1, N, 1, device=device), b["logp"], [], {}
+    clips = clip.view(1, N, 1).to(device)
     for _ in range(rounds):
         steps0 = [adam_steps(opt, params) for opt, params in zip(opts, per_agent, strict=True)]
         for agents in blocks:
@@ -693,7 +700,7 @@ def a2po_update(actor, critic, opts, b, trace, order, per_agent, value_norm, arg
             turn = {**b, "adv": standardize_per_agent(adv, b["active"]),  # lines 8-9
                     "returns_n": value_norm.normalize(returns),
                     "prev_ratio": (joint - log_rho).exp()}  # eq. 6's product over the moved agents j != i
-            stats.append(a2po_turn(actor, critic, opts, turn, agents, clip.view(1, N, 1).to(device), epochs, per_agent, args))
+            stats.append(a2po_turn(actor, critic, opts, turn, agents, clips, epochs, per_agent, args, generator))
             logp = rollout_logp(actor, b)
             kl = kl_per_agent(logp, b).tolist()
             diag.update({f"a2po/kl_after_turn_agent{i}": v for i, v in enumerate(kl) if i in agents})
@@ -763,7 +770,6 @@ if __name__ == "__main__":
     opts = [torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5),
             torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)]  # fmt: skip
     value_norm = ValueNorm().to(device)
-    per_agent = (agent_params(actor, N), agent_params(critic, N))  # per-agent layers (--sharing partial/none)
     if ckpt and args.eval_only:
         actor.load_state_dict(ckpt["actor"])
         eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed, device)
@@ -841,8 +847,7 @@ if __name__ == "__main__":
         rollout_time, t1 = time.time() - t0, time.time()
 
         # ---- A2PO update (Algorithm 1, or 2 with a shared actor): the blocks of a fresh agent order take turns ----
-        order = agent_order(args.order, adv, b["active"])  # A^i: every agent's joint advantage (its own V), not standardised
-        stats, diag = a2po_update(actor, critic, opts, b, trace, order, per_agent, value_norm, args)
+        stats, diag = a2po_update(actor, critic, opts, b, trace, value_norm, args)
         update_time = time.time() - t1
         if not torch.isfinite(stats).all():
             kept = ckpt_path if args.save_model else "none saved: use --save-model"

@@ -638,14 +638,15 @@ def value_loss_fn(new_values, old_values, returns_n, weights, clip_coef, delta):
     return (torch.max(huber(new_values), huber(clipped)) * weights).sum()
 
 
-def fp3o_step(actor, critic, opts, b, factors, args, double_clip=False):
+def fp3o_step(actor, critic, opts, b, factors, args, double_clip=False, generator=None):
     """One FP3O step (independent or dependent): `update_epochs` epochs of minibatches split over
     environments; actor and critic both train on every minibatch. `factors` = (factor_ij, factor_j)
     as [T, N, B] tensors (all ones for the independent step), or (rho_others, rho_j) for double clip."""
     B, per_agent = b["obs"].shape[2], args.sharing == "none"
     stats = []
     for _ in range(args.update_epochs):
-        for mb in torch.randperm(B).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]:  # 1: no gather
+        mbs = torch.randperm(B, generator=generator).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]
+        for mb in mbs:  # one minibatch: no gather
             m = {k: v[:, :, mb] if v.dim() >= 3 else v[:, mb] for k, v in b.items() if k != "h0"}
             logp, entropy = evaluate_actions(actor, m["obs"], m["avail"], m["actions"], b["h0"][:, mb], m["starts"])
             ratio = (logp - m["logp"]).exp()
@@ -670,6 +671,31 @@ def fp3o_step(actor, critic, opts, b, factors, args, double_clip=False):
             losses = torch.stack([pg_loss, v_loss, ent]).detach() / (actor.n_agents if per_agent else 1)  # agents' mean
             stats.append(torch.cat([losses, torch.stack([kl, clipfrac])]))
     return torch.stack(stats).mean(0)
+
+
+def fp3o_update(actor, critic, opts, b, args, generator=None):
+    """Algorithm 1, one iteration, on the rollout batch `b`; `generator` draws the pipelines and minibatches (None: torch's
+    global one). Returns (the steps' mean loss stats, the diagnostics to log)."""
+    ones, diag, ran = torch.ones_like(b["logp"]), {}, False
+    # independent step (eq. 10): every pipeline's first agent i_p, i.e. every agent, with factors 1
+    stats = fp3o_step(actor, critic, opts, b, (ones, ones), args, generator=generator)
+    if not args.no_dependent_step:
+        # intermediate policy pi_{k+0.5}: fixed per-sample ratios rho^i (dead agents: exactly 1)
+        rho = ((rollout_logp(actor, b) - b["logp"]).exp() - 1) * b["active"] + 1
+        holds, s1, s2 = fp3o_condition(rho, b["adv"], b["active"], args.condition_slack)  # Algorithm 1 line 7
+        diag.update({"fp3o/condition_holds": float(holds), "fp3o/S1": s1, "fp3o/S2": s2})
+        ran = holds or args.no_condition
+        if ran:
+            # dependent step (eq. 11): agent i's pipeline partner j = f^-1(i) from the cyclic shift
+            factor_ij, factor_j = fp3o_factors(rho, pipeline_partners(rho.shape[1], generator).to(rho.device))
+            factors = (factor_ij * factor_j, factor_j) if args.double_clip else (factor_ij, factor_j)  # D.10: prod_{m != i}
+            stats = (stats + fp3o_step(actor, critic, opts, b, factors, args, args.double_clip, generator)) / 2
+    r_new = (rollout_logp(actor, b) - b["logp"]).exp()  # pi_{k+1} / pi_k (rollout_logp runs without gradients)
+    if ran:  # the matching degree (Figure 1): where the step was skipped, pi_{k+1} = pi_{k+0.5} matches by construction
+        constraint = fp3o_constraint(rho, (r_new - 1) * b["active"] + 1, b["adv"], b["active"], args.condition_slack)
+        diag.update({"fp3o/constraint_holds": float(constraint), "fp3o/condition_matches": float(constraint == holds)})
+    kl = (((r_new - 1) - r_new.log()) * b["active"]).sum((0, 2)) / b["active"].sum((0, 2)).clamp(min=1)
+    return stats, {**diag, **{f"fp3o/kl_agent{i}": v for i, v in enumerate(kl.tolist())}}
 
 
 @torch.no_grad()
@@ -816,26 +842,7 @@ if __name__ == "__main__":
         rollout_time, t1 = time.time() - t0, time.time()
 
         # ---- FP3O update (Algorithm 1) ----
-        ones = torch.ones_like(b["logp"])
-        # independent step (eq. 10): every pipeline's first agent i_p, i.e. every agent, with factors 1
-        stats = fp3o_step(actor, critic, opts, b, (ones, ones), args)
-        diag = {}
-        if not args.no_dependent_step:
-            # intermediate policy pi_{k+0.5}: fixed per-sample ratios rho^i (dead agents: exactly 1)
-            rho = ((rollout_logp(actor, b) - b["logp"]).exp() - 1) * b["active"] + 1
-            holds, s1, s2 = fp3o_condition(rho, b["adv"], b["active"], args.condition_slack)
-            diag.update({"fp3o/condition_holds": float(holds), "fp3o/S1": s1, "fp3o/S2": s2})
-            if holds or args.no_condition:
-                # dependent step (eq. 11): agent i's pipeline partner j = f^-1(i) from the cyclic shift
-                factor_ij, factor_j = fp3o_factors(rho, pipeline_partners(N).to(device))
-                factors = (factor_ij * factor_j, factor_j) if args.double_clip else (factor_ij, factor_j)
-                stats = (stats + fp3o_step(actor, critic, opts, b, factors, args, args.double_clip)) / 2
-        r_new = (rollout_logp(actor, b) - b["logp"]).exp()  # pi_{k+1} / pi_k (rollout_logp runs without gradients)
-        if not args.no_dependent_step:
-            constraint = fp3o_constraint(rho, (r_new - 1) * b["active"] + 1, b["adv"], b["active"], args.condition_slack)
-            diag.update({"fp3o/constraint_holds": float(constraint), "fp3o/condition_matches": float(constraint == holds)})
-        kl = (((r_new - 1) - r_new.log()) * b["active"]).sum((0, 2)) / b["active"].sum((0, 2)).clamp(min=1)
-        diag.update({f"fp3o/kl_agent{i}": kl[i].item() for i in range(N)})
+        stats, diag = fp3o_update(actor, critic, opts, b, args)
         update_time = time.time() - t1
         if not torch.isfinite(stats).all():
             kept = ckpt_path if args.save_model else "none saved: use --save-model"

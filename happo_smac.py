@@ -88,7 +88,7 @@ class Args:
     num_minibatches: int = 1
     """the number of mini-batches (split over environments; whole sequences for the GRU)"""
     update_epochs: int = 5
-    """epochs of each agent's turn (Algorithm 3 line 11); the critic trains in every turn too, on that agent's samples"""
+    """epochs of each agent's turn (Algorithm 3 line 11), and of the critic's fit after the turns (line 14)"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient (also clips the value function; table E.5 sets it for its maps, unless given)"""
     ent_coef: float = 0.01
@@ -609,17 +609,15 @@ def value_loss_fn(new_values, old_values, returns_n, weights, clip_coef, delta):
     return (torch.max(huber(new_values), huber(clipped)) * weights).sum()
 
 
-def happo_turn(actor, critic, opts, b, factor, agent, per_agent, args):
+def happo_turn(actor, opt, b, factor, agent, params, args, generator=None):
     """Agent `agent`'s turn (Algorithm 3 line 11): `update_epochs` epochs of minibatches split over
-    environments, only this agent's samples in the losses; `factor` is M, [T, B]. The critic trains
-    on every minibatch too, on the same samples: in the authors' HAPPO code every agent's trainer fits
-    its own critic (V(s), on that agent's buffer) after each actor step, so over a whole iteration the
-    critic sees every sample `update_epochs` times, as in MAPPO. `per_agent`: (actor's, critic's)
+    environments, only this agent's samples in the loss; `factor` is M, [T, B]. `params`: the actor's
     per-agent parameters, whose other agents' slices stay bit-for-bit unchanged."""
-    B, sel = b["obs"].shape[2], slice(agent, agent + 1)  # only this agent's samples go through the networks
+    B, sel = b["obs"].shape[2], slice(agent, agent + 1)  # only this agent's samples go through the actor
     stats = []
     for _ in range(args.update_epochs):
-        for mb in torch.randperm(B).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]:  # 1: no gather
+        mbs = torch.randperm(B, generator=generator).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]
+        for mb in mbs:  # one minibatch: no gather
             m = {k: v[:, sel][:, :, mb] if v.dim() >= 3 else v[:, mb] for k, v in b.items() if k != "h0"}
             logp, entropy = evaluate_actions(actor, m["obs"], m["avail"], m["actions"], b["h0"][sel][:, mb], m["starts"], sel)
             ratio = (logp - m["logp"]).exp()
@@ -627,20 +625,35 @@ def happo_turn(actor, critic, opts, b, factor, agent, per_agent, args):
             act = m["active"]
             n_act = act.sum().clamp(min=1)  # this agent's own mean: its network's gradient, whatever the sharing
             pg_loss, ent = -(obj * act).sum() / n_act, (entropy * act).sum() / n_act
-            new_values = critic(m["state"], agents=sel)[0].squeeze(-1)
-            v_loss = value_loss_fn(new_values, m["values"], m["returns_n"], act / n_act, args.clip_coef, args.huber_delta)
-            for opt, loss, net, params in ((opts[0], pg_loss - args.ent_coef * ent, actor, per_agent[0]),
-                                           (opts[1], args.vf_coef * v_loss, critic, per_agent[1])):  # fmt: skip
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
-                step_one_agent(opt, params, agent)
+            opt.zero_grad(set_to_none=True)
+            (pg_loss - args.ent_coef * ent).backward()
+            nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+            step_one_agent(opt, params, agent)
             with torch.no_grad():
-                log_r = logp - m["logp"]
-                kl = (((ratio - 1) - log_r) * act).sum() / n_act
+                kl = (((ratio - 1) - (logp - m["logp"])) * act).sum() / n_act
                 clipfrac = (((ratio - 1).abs() > args.clip_coef).float() * act).sum() / n_act
-            stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), ent.detach(), kl, clipfrac]))
+            stats.append(torch.stack([pg_loss.detach(), ent.detach(), kl, clipfrac]))
     return torch.stack(stats).mean(0)
+
+
+def happo_critic_fit(critic, opt, b, args, generator=None):
+    """Algorithm 3 line 14 (and HARL): after the turns, `update_epochs` epochs of minibatches of all agents' samples, as
+    MAPPO's critic (--sharing none: each agent's copy on its own samples' mean; the gradient norm is clipped over the whole
+    critic). Returns the mean value loss."""
+    B, per_agent, losses = b["obs"].shape[2], args.sharing == "none", []
+    for _ in range(args.update_epochs):
+        mbs = torch.randperm(B, generator=generator).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]
+        for mb in mbs:
+            m = {k: b[k][:, :, mb] for k in ("state", "values", "returns_n", "active")}
+            w = m["active"] / (m["active"].sum((0, 2), keepdim=True) if per_agent else m["active"].sum()).clamp(min=1)
+            v_loss = value_loss_fn(critic(m["state"])[0].squeeze(-1), m["values"], m["returns_n"], w, args.clip_coef,
+                                   args.huber_delta)  # fmt: skip
+            opt.zero_grad(set_to_none=True)
+            (args.vf_coef * v_loss).backward()
+            nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+            opt.step()
+            losses.append(v_loss.detach() / (critic.n_agents if per_agent else 1))  # the agents' mean
+    return torch.stack(losses).mean()
 
 
 @torch.no_grad()
@@ -656,26 +669,30 @@ def kl_per_agent(logp, b):
     return (((r - 1) - r.log()) * b["active"]).sum((0, 2)) / b["active"].sum((0, 2)).clamp(min=1)
 
 
-def happo_update(actor, critic, opts, b, order, per_agent, args):
-    """Algorithm 3 lines 9-13: every agent in `order` takes its turn on M * PPO-clip, then
-    M <- M * pi_{k+1}^i / pi_k^i on its samples. Returns (mean loss stats, diagnostics, {agent: its M})."""
+def happo_update(actor, critic, opts, b, args, generator=None):
+    """Algorithm 3 lines 8-14, one iteration on the rollout batch `b`: a random order (line 8), every agent's turn on
+    M * PPO-clip, then M <- M * pi_{k+1}^i / pi_k^i on its samples; then the critic. `generator` draws the order and the
+    minibatches (None: torch's global one). Returns (the mean loss stats, the diagnostics to log)."""
     T, N, E = b["logp"].shape
-    factor, factors, stats, diag = torch.ones(T, E, device=b["logp"].device), {}, [], {}  # line 9: M = 1
-    steps0 = [adam_steps(opt, params) for opt, params in zip(opts, per_agent, strict=True)]
+    factor, stats, diag = torch.ones(T, E, device=b["logp"].device), [], {}  # line 9: M = 1
+    order = torch.arange(N) if args.fixed_order else torch.randperm(N, generator=generator)  # line 8
+    params = agent_params(actor, N)  # per-agent layers (--sharing partial/none)
+    steps0 = adam_steps(opts[0], params)
     for position, i in enumerate(order.tolist()):
-        for opt, params, steps in zip(opts, per_agent, steps0, strict=True):
-            rewind_adam_steps(opt, params, steps)
-        act_i, factors[i] = b["active"][:, i], factor
+        rewind_adam_steps(opts[0], params, steps0)
+        act_i = b["active"][:, i]
         diag.update({f"happo/position_agent{i}": position,
                      f"happo/factor_mean_agent{i}": ((factor * act_i).sum() / act_i.sum().clamp(min=1)).item(),
                      f"happo/factor_max_agent{i}": factor.masked_fill(act_i == 0, 0).max().item()})  # fmt: skip
-        stats.append(happo_turn(actor, critic, opts, b, factor, i, per_agent, args))  # line 11
+        stats.append(happo_turn(actor, opts[0], b, factor, i, params, args, generator))  # line 11
         logp = rollout_logp(actor, b)
         diag[f"happo/kl_after_turn_agent{i}"] = kl_per_agent(logp, b)[i].item()
         factor = happo_factor_update(factor, logp[:, i], b["logp"][:, i], act_i)  # line 12
     kl = kl_per_agent(rollout_logp(actor, b), b)
     diag.update({f"happo/kl_agent{i}": kl[i].item() for i in range(N)})
-    return torch.stack(stats).mean(0), diag, factors
+    pg_loss, entropy, approx_kl, clipfrac = torch.stack(stats).mean(0)
+    v_loss = happo_critic_fit(critic, opts[1], b, args, generator)  # line 14
+    return torch.stack([pg_loss, v_loss, entropy, approx_kl, clipfrac]), diag
 
 
 @torch.no_grad()
@@ -737,7 +754,6 @@ if __name__ == "__main__":
     opts = [torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5),
             torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)]  # fmt: skip
     value_norm = ValueNorm().to(device)
-    per_agent = (agent_params(actor, N), agent_params(critic, N))  # per-agent layers (--sharing partial/none)
     if ckpt and args.eval_only:
         actor.load_state_dict(ckpt["actor"])
         eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed, device)
@@ -816,8 +832,7 @@ if __name__ == "__main__":
         rollout_time, t1 = time.time() - t0, time.time()
 
         # ---- HAPPO update (Algorithm 3): the agents one after another, in a fresh random order ----
-        order = torch.arange(N) if args.fixed_order else torch.randperm(N)  # line 8
-        stats, diag, _ = happo_update(actor, critic, opts, b, order, per_agent, args)
+        stats, diag = happo_update(actor, critic, opts, b, args)
         update_time = time.time() - t1
         if not torch.isfinite(stats).all():
             kept = ckpt_path if args.save_model else "none saved: use --save-model"

@@ -574,13 +574,14 @@ def value_loss_fn(new_values, old_values, returns_n, weights, clip_coef, delta):
     return (torch.max(huber(new_values), huber(clipped)) * weights).sum()
 
 
-def mappo_step(actor, critic, opts, b, args):
+def mappo_step(actor, critic, opts, b, args, generator=None):
     """MAPPO's update: `update_epochs` epochs of minibatches split over environments; all agents'
     samples in every minibatch; actor and critic both train on every minibatch."""
     B, per_agent = b["obs"].shape[2], args.sharing == "none"
     stats = []
     for _ in range(args.update_epochs):
-        for mb in torch.randperm(B).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]:  # 1: no gather
+        mbs = torch.randperm(B, generator=generator).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]
+        for mb in mbs:  # one minibatch: no gather
             m = {k: v[:, :, mb] if v.dim() >= 3 else v[:, mb] for k, v in b.items() if k != "h0"}
             logp, entropy = evaluate_actions(actor, m["obs"], m["avail"], m["actions"], b["h0"][:, mb], m["starts"])
             ratio = (logp - m["logp"]).exp()
@@ -601,6 +602,15 @@ def mappo_step(actor, critic, opts, b, args):
             losses = torch.stack([pg_loss, v_loss, ent]).detach() / (actor.n_agents if per_agent else 1)  # agents' mean
             stats.append(torch.cat([losses, torch.stack([kl, clipfrac])]))
     return torch.stack(stats).mean(0)
+
+
+def mappo_update(actor, critic, opts, b, args, generator=None):
+    """MAPPO's iteration on the rollout batch `b`: `mappo_step`, every agent at once; `generator` draws the minibatches
+    (None: torch's global one). Returns (the mean loss stats, the diagnostics to log: each agent's KL to pi_k)."""
+    stats = mappo_step(actor, critic, opts, b, args, generator)
+    r_new = (rollout_logp(actor, b) - b["logp"]).exp()  # rollout_logp runs without gradients
+    kl = (((r_new - 1) - r_new.log()) * b["active"]).sum((0, 2)) / b["active"].sum((0, 2)).clamp(min=1)
+    return stats, {f"mappo/kl_agent{i}": v for i, v in enumerate(kl.tolist())}
 
 
 @torch.no_grad()
@@ -746,10 +756,7 @@ if __name__ == "__main__":
         rollout_time, t1 = time.time() - t0, time.time()
 
         # ---- MAPPO update: every agent at once, PPO-clip on its own ratio ----
-        stats = mappo_step(actor, critic, opts, b, args)
-        r_new = (rollout_logp(actor, b) - b["logp"]).exp()  # rollout_logp runs without gradients
-        kl = (((r_new - 1) - r_new.log()) * b["active"]).sum((0, 2)) / b["active"].sum((0, 2)).clamp(min=1)
-        diag = {f"mappo/kl_agent{i}": kl[i].item() for i in range(N)}
+        stats, diag = mappo_update(actor, critic, opts, b, args)
         update_time = time.time() - t1
         if not torch.isfinite(stats).all():
             kept = ckpt_path if args.save_model else "none saved: use --save-model"

@@ -201,14 +201,21 @@ def make_args(**kw):
     return A.Args(**{"update_epochs": 2, "num_minibatches": 1, **kw})
 
 
+def update_in_order(actor, critic, opts, b, trace, order, value_norm, args, generator=None):
+    """a2po_update with `order` as the iteration's agent order (whatever the rule would draw)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(A, "agent_order", lambda *_: order)
+        return A.a2po_update(actor, critic, opts, b, trace, value_norm, args, generator)
+
+
 def record_turns(monkeypatch):
     """Wrap a2po_turn: record each turn's agents, batch, clip, epochs, the RNG state and the rollout log-probs before it."""
     turns, original = [], A.a2po_turn
 
-    def recording(actor, critic, opts, b, agents, clip, epochs, per_agent, args):
+    def recording(actor, critic, opts, b, agents, clip, epochs, per_agent, args, generator=None):
         turns.append(dict(agents=agents.tolist(), b=b, clip=clip.flatten().tolist(), epochs=epochs, rng=torch.get_rng_state(),
                           logp=A.rollout_logp(actor, b)))  # fmt: skip
-        return original(actor, critic, opts, b, agents, clip, epochs, per_agent, args)
+        return original(actor, critic, opts, b, agents, clip, epochs, per_agent, args, generator)
 
     monkeypatch.setattr(A, "a2po_turn", recording)
     return turns
@@ -236,7 +243,7 @@ def test_each_turn_traces_with_the_current_ratios_of_the_agents_that_moved(shari
     actor, critic, opts, b, trace, value_norm, per_agent = hand_made_batch(sharing)
     turns = record_turns(monkeypatch)
     order = torch.tensor([2, 0, 1])
-    _, diag = A.a2po_update(actor, critic, opts, b, trace, order, per_agent, value_norm, make_args(sharing=sharing))
+    _, diag = update_in_order(actor, critic, opts, b, trace, order, value_norm, make_args(sharing=sharing))
     assert [t["agents"] for t in turns] == [[2], [0], [1]]
     assert torch.equal(turns[0]["b"]["adv"], b["adv"]) and torch.equal(turns[0]["b"]["prev_ratio"], torch.ones(T, N, E))
     for k, turn in enumerate(turns):
@@ -259,7 +266,7 @@ def test_no_preopc_uses_the_rollouts_gae_in_every_turn(monkeypatch):
     actor, critic, opts, b, trace, value_norm, per_agent = hand_made_batch("none")
     turns = record_turns(monkeypatch)
     args = make_args(sharing="none", preopc=False)
-    A.a2po_update(actor, critic, opts, b, trace, torch.tensor([1, 2, 0]), per_agent, value_norm, args)
+    update_in_order(actor, critic, opts, b, trace, torch.tensor([1, 2, 0]), value_norm, args)
     for k, turn in enumerate(turns):
         assert torch.equal(turn["b"]["adv"], b["adv"]) and torch.equal(turn["b"]["returns_n"], b["returns_n"])
         _, _, prev = expected_turn_inputs(b, trace, value_norm, turn["logp"], [1, 2, 0][:k], preopc=False)
@@ -272,7 +279,7 @@ def test_adaptive_clip_for_four_agents(c, expected, monkeypatch):
     actor, critic, opts, b, trace, value_norm, per_agent = hand_made_batch("none", n=4)
     turns = record_turns(monkeypatch)
     order = torch.tensor([2, 0, 3, 1])
-    _, diag = A.a2po_update(actor, critic, opts, b, trace, order, per_agent, value_norm,
+    _, diag = update_in_order(actor, critic, opts, b, trace, order, value_norm,
                             make_args(sharing="none", clip_adapt_coef=c, update_epochs=1))  # fmt: skip
     for position, agent in enumerate(order.tolist()):
         assert diag[f"a2po/clip_agent{agent}"] == pytest.approx(expected[position])
@@ -285,7 +292,7 @@ def test_blocks_take_turns_and_a_shared_actor_divides_the_epochs(sharing, monkey
     ceil(3 / 2) = 2 rounds of one epoch per block (Algorithm 2). Block-mates are not each other's preceding agents."""
     actor, critic, opts, b, trace, value_norm, per_agent = hand_made_batch(sharing)
     turns = record_turns(monkeypatch)
-    A.a2po_update(actor, critic, opts, b, trace, torch.tensor([2, 0, 1]), per_agent, value_norm,
+    update_in_order(actor, critic, opts, b, trace, torch.tensor([2, 0, 1]), value_norm,
                   make_args(sharing=sharing, num_blocks=2, update_epochs=3))  # fmt: skip
     if sharing == "none":
         assert [(t["agents"], t["epochs"]) for t in turns] == [([2, 0], 3), ([1], 3)]
@@ -330,7 +337,7 @@ def slices(opt, params, i):
 @pytest.mark.parametrize("sharing,block", [("none", [1]), ("none", [0, 2]), ("partial", [1])])
 def test_a_turn_leaves_the_other_agents_weights_and_adam_moments_bit_for_bit(sharing, block):
     actor, critic, opts, b, trace, value_norm, per_agent = hand_made_batch(sharing)
-    A.a2po_update(actor, critic, opts, b, trace, torch.arange(N), per_agent, value_norm, make_args(sharing=sharing))
+    update_in_order(actor, critic, opts, b, trace, torch.arange(N), value_norm, make_args(sharing=sharing))
     moments = [opt.state[p]["exp_avg"][i] for opt, ps in zip(opts, per_agent, strict=True) for p in ps for i in range(N)]
     assert all(m.abs().sum() > 0 for m in moments)  # every agent has Adam moments now
     before = {(k, i): slices(opts[k], per_agent[k], i) for k in range(2) for i in range(N) if per_agent[k]}
@@ -376,7 +383,7 @@ def test_without_sharing_a_block_trains_each_agent_as_a_separate_network(max_gra
 def test_without_the_guard_adam_would_move_the_other_agents(monkeypatch):
     """The test above is not vacuous: a plain opt.step() with zero gradients still moves the other agents."""
     actor, critic, opts, b, trace, value_norm, per_agent = hand_made_batch("none")
-    A.a2po_update(actor, critic, opts, b, trace, torch.arange(N), per_agent, value_norm, make_args(sharing="none"))
+    update_in_order(actor, critic, opts, b, trace, torch.arange(N), value_norm, make_args(sharing="none"))
     before = slices(opts[0], per_agent[0], 0)
     monkeypatch.setattr(A, "step_agents", lambda opt, params, agents: opt.step())
     A.a2po_turn(actor, critic, opts, {**b, "prev_ratio": torch.ones(T, N, E)}, torch.tensor([1]), torch.full((1, N, 1), EPS), 2,
@@ -392,7 +399,7 @@ def test_adam_step_counts_count_each_agents_own_steps(sharing, num_blocks):
     blocks = num_blocks or N
     own_steps, all_steps = (3, 3 * blocks) if sharing == "none" else (math.ceil(3 / blocks), math.ceil(3 / blocks) * blocks)
     for iteration in (1, 2):
-        A.a2po_update(actor, critic, opts, b, trace, torch.randperm(N), per_agent, value_norm, args)
+        update_in_order(actor, critic, opts, b, trace, torch.randperm(N), value_norm, args)
         for opt, net, params in zip(opts, (actor, critic), per_agent, strict=True):
             for p in net.parameters():
                 own = any(p is q for q in params)
@@ -407,7 +414,7 @@ def test_every_agents_slice_is_updated_exactly_as_by_an_adam_of_its_own(monkeypa
     original_turn = A.a2po_turn
     turns = record_turns(monkeypatch)
     args = make_args(sharing="none")
-    A.a2po_update(actor, critic, opts, b, trace, torch.tensor([0, 2, 1]), per_agent, value_norm, args)
+    update_in_order(actor, critic, opts, b, trace, torch.tensor([0, 2, 1]), value_norm, args)
     for turn in turns:
         i = turn["agents"][0]
         ref_actor, ref_critic = A.AgentNet(N, OBS, ACTS, HID, "none", recurrent=True), A.AgentNet(N, STATE, 1, HID, "none")

@@ -167,6 +167,8 @@ def test_double_clip_and_no_condition_flags_run(runs):
         _, cwd = ran_ok(runs, name)
         scalars = read_scalars(run_dir(cwd))
         assert all(math.isfinite(v) for _, v in scalars["losses/policy_loss"])
+        if name == "none":  # the dependent step runs in every iteration: the matching degree is measured in each
+            assert len(scalars["fp3o/condition_matches"]) == len(scalars["losses/policy_loss"]) == 1
 
 
 def test_random_advantage_split_draws_weights_over_agents(runs):

@@ -1,5 +1,6 @@
 """happo_smac.py: HAPPO's objective and factor M, the sequential update with per-agent weights (other agents' weights
-and Adam moments untouched, Adam exact per agent), in process; and short end-to-end runs on SMAX."""
+and Adam moments untouched, Adam exact per agent) and the critic fitted after the turns, in process; and short end-to-end
+runs on SMAX."""
 import copy
 
 import conftest
@@ -65,22 +66,23 @@ def test_factor_update_multiplies_by_exactly_the_agents_ratio_on_a_hand_made_bat
 
 # ---------------------------------------------------------------------------------------------- the update
 def hand_made_batch(sharing, seed=0):
-    """conftest's tiny actor, critic, optimizers and batch, and the per-agent parameters of both networks."""
+    """conftest's tiny actor, critic, optimizers and batch, and the actor's per-agent parameters."""
     actor, critic, opts, b = conftest.hand_made_batch(H, sharing, seed, logp_noise=0.2)
-    return actor, critic, opts, b, (H.agent_params(actor, N), H.agent_params(critic, N))
+    return actor, critic, opts, b, H.agent_params(actor, N)
 
 
 ARGS = H.Args(update_epochs=2, num_minibatches=2)
+FIXED = H.Args(update_epochs=2, num_minibatches=2, fixed_order=True)
 
 
 def record_turns(monkeypatch):
-    """Wrap happo_turn: record, per turn, the agent, the RNG state before it and the rollout log-probs after it."""
+    """Wrap happo_turn: record, per turn, the agent, its M, the RNG state before it and the rollout log-probs after it."""
     turns, original = [], H.happo_turn
 
-    def recording(actor, critic, opts, b, factor, agent, per_agent, args):
+    def recording(actor, opt, b, factor, agent, params, args, generator=None):
         rng = torch.get_rng_state()
-        out = original(actor, critic, opts, b, factor, agent, per_agent, args)
-        turns.append(dict(agent=agent, rng=rng, logp=H.rollout_logp(actor, b)))
+        out = original(actor, opt, b, factor, agent, params, args, generator)
+        turns.append(dict(agent=agent, factor=factor, rng=rng, logp=H.rollout_logp(actor, b)))
         return out
 
     monkeypatch.setattr(H, "happo_turn", recording)
@@ -89,43 +91,41 @@ def record_turns(monkeypatch):
 
 @pytest.mark.parametrize("sharing", ["full", "partial", "none"])
 def test_each_turn_multiplies_m_by_exactly_that_agents_new_ratio(sharing, monkeypatch):
-    actor, critic, opts, b, per_agent = hand_made_batch(sharing)
+    actor, critic, opts, b, _ = hand_made_batch(sharing)
     turns = record_turns(monkeypatch)
-    order = torch.tensor([2, 0, 1])
-    _, diag, factors = H.happo_update(actor, critic, opts, b, order, per_agent, ARGS)
-    assert [t["agent"] for t in turns] == order.tolist()
-    assert torch.equal(factors[2], torch.ones(T, E))  # M = 1 for the first agent
-    for prev, nxt in ((2, 0), (0, 1)):
+    _, diag = H.happo_update(actor, critic, opts, b, ARGS, torch.Generator().manual_seed(3))
+    order, factors = [t["agent"] for t in turns], {t["agent"]: t["factor"] for t in turns}
+    assert sorted(order) == list(range(N)) and order != list(range(N))  # the generator's random order
+    assert torch.equal(factors[order[0]], torch.ones(T, E))  # M = 1 for the first agent
+    for prev, nxt in zip(order[:-1], order[1:], strict=True):
         logp_new = next(t["logp"] for t in turns if t["agent"] == prev)[:, prev]
         alive = b["active"][:, prev].bool()
         expected = factors[prev] * (logp_new - b["logp"][:, prev]).exp()
         assert torch.equal(factors[nxt][alive], expected[alive])
         assert torch.equal(factors[nxt][~alive], factors[prev][~alive])
         assert not torch.equal(factors[nxt], factors[prev])
-    assert [diag[f"happo/position_agent{i}"] for i in range(N)] == [1, 2, 0]
-    assert diag["happo/factor_mean_agent2"] == diag["happo/factor_max_agent2"] == 1.0
-    alive = b["active"][:, 1].bool()
-    assert diag["happo/factor_max_agent1"] == pytest.approx(factors[1][alive].max().item())
-    assert diag["happo/factor_mean_agent1"] == pytest.approx(factors[1][alive].mean().item())
+    assert [diag[f"happo/position_agent{i}"] for i in range(N)] == [order.index(i) for i in range(N)]
+    assert diag[f"happo/factor_mean_agent{order[0]}"] == diag[f"happo/factor_max_agent{order[0]}"] == 1.0
+    last = order[-1]
+    alive = b["active"][:, last].bool()
+    assert diag[f"happo/factor_max_agent{last}"] == pytest.approx(factors[last][alive].max().item())
+    assert diag[f"happo/factor_mean_agent{last}"] == pytest.approx(factors[last][alive].mean().item())
 
 
 def test_only_the_turns_agent_samples_enter_the_losses():
     """Under full sharing everything moves the one network, but only agent 1's samples may drive its turn."""
     actor, critic, opts, b, per_agent = hand_made_batch("full")
-    nets = copy.deepcopy((actor, critic))
-    other = {**b, "adv": b["adv"].clone(), "returns_n": b["returns_n"].clone(), "values": b["values"].clone()}
-    for key in ("adv", "returns_n", "values"):
+    other = {**b, "adv": b["adv"].clone(), "logp": b["logp"].clone()}
+    for key in ("adv", "logp"):
         other[key][:, [0, 2]] = torch.randn(T, 2, E) * 5
     factor = 0.5 + torch.rand(T, E)
     results = []
-    for (a, c), batch in ((nets, b), (copy.deepcopy(nets), other)):
-        o = [torch.optim.Adam(a.parameters(), lr=5e-3, eps=1e-5), torch.optim.Adam(c.parameters(), lr=5e-3, eps=1e-5)]
+    for a, batch in ((copy.deepcopy(actor), b), (copy.deepcopy(actor), other)):
         torch.manual_seed(7)
-        stats = H.happo_turn(a, c, o, batch, factor, 1, ([], []), ARGS)
-        results.append((a.state_dict(), c.state_dict(), stats))
+        stats = H.happo_turn(a, torch.optim.Adam(a.parameters(), lr=5e-3, eps=1e-5), batch, factor, 1, [], ARGS)
+        results.append((a.state_dict(), stats))
     assert_same_state_dict(results[0][0], results[1][0], "actor")
-    assert_same_state_dict(results[0][1], results[1][1], "critic")
-    assert torch.equal(results[0][2], results[1][2])
+    assert torch.equal(results[0][1], results[1][1])
 
 
 def slices(opt, params, i):
@@ -135,68 +135,65 @@ def slices(opt, params, i):
 
 @pytest.mark.parametrize("sharing", ["none", "partial"])
 def test_a_turn_leaves_the_other_agents_weights_and_adam_moments_bit_for_bit(sharing):
-    actor, critic, opts, b, per_agent = hand_made_batch(sharing)
-    H.happo_update(actor, critic, opts, b, torch.arange(N), per_agent, ARGS)  # every agent has Adam moments now
-    moments = [opt.state[p]["exp_avg"][i] for opt, ps in zip(opts, per_agent, strict=True) for p in ps for i in range(N)]
-    assert all(m.abs().sum() > 0 for m in moments)
+    actor, critic, opts, b, params = hand_made_batch(sharing)
+    H.happo_update(actor, critic, opts, b, FIXED)  # every agent has Adam moments now
+    assert all(opts[0].state[p]["exp_avg"][i].abs().sum() > 0 for p in params for i in range(N))
     agent = 1
-    before = {(k, i): slices(opts[k], per_agent[k], i) for k in range(2) for i in range(N)}
-    shared = [p.detach().clone() for net in (actor, critic) for p in net.parameters() if p.shape[0] == 1]
-    assert bool(shared) == (sharing == "partial") and all(per_agent)
-    H.happo_turn(actor, critic, opts, b, torch.ones(T, E), agent, per_agent, ARGS)
-    for k in range(2):
-        for i in range(N):
-            after = slices(opts[k], per_agent[k], i)
-            same = [torch.equal(x, y) for x, y in zip(before[k, i], after, strict=True)]
-            if i == agent:
-                assert not any(same), f"{'actor critic'.split()[k]}: agent {agent}'s own slices did not all move"
-            else:
-                assert all(same), f"{'actor critic'.split()[k]}: agent {i}'s slices changed during agent {agent}'s turn"
-    shared_after = [p.detach() for net in (actor, critic) for p in net.parameters() if p.shape[0] == 1]
+    before = {i: slices(opts[0], params, i) for i in range(N)}
+    shared = [p.detach().clone() for p in actor.parameters() if p.shape[0] == 1]
+    assert bool(shared) == (sharing == "partial") and params
+    H.happo_turn(actor, opts[0], b, torch.ones(T, E), agent, params, ARGS)
+    for i in range(N):
+        same = [torch.equal(x, y) for x, y in zip(before[i], slices(opts[0], params, i), strict=True)]
+        if i == agent:
+            assert not any(same), f"agent {agent}'s own slices did not all move"
+        else:
+            assert all(same), f"agent {i}'s slices changed during agent {agent}'s turn"
+    shared_after = [p.detach() for p in actor.parameters() if p.shape[0] == 1]
     assert all(not torch.equal(x, y) for x, y in zip(shared, shared_after, strict=True)), "the shared trunk must move"
 
 
 def test_without_the_guard_adam_would_move_the_other_agents(monkeypatch):
     """The test above is not vacuous: a plain opt.step() with zero gradients still moves the other agents."""
-    actor, critic, opts, b, per_agent = hand_made_batch("none")
-    H.happo_update(actor, critic, opts, b, torch.arange(N), per_agent, ARGS)
-    before = slices(opts[0], per_agent[0], 0)
+    actor, critic, opts, b, params = hand_made_batch("none")
+    H.happo_update(actor, critic, opts, b, FIXED)
+    before = slices(opts[0], params, 0)
     monkeypatch.setattr(H, "step_one_agent", lambda opt, params, agent: opt.step())
-    H.happo_turn(actor, critic, opts, b, torch.ones(T, E), 1, per_agent, ARGS)
-    assert not any(torch.equal(x, y) for x, y in zip(before, slices(opts[0], per_agent[0], 0), strict=True))
+    H.happo_turn(actor, opts[0], b, torch.ones(T, E), 1, params, ARGS)
+    assert not any(torch.equal(x, y) for x, y in zip(before, slices(opts[0], params, 0), strict=True))
 
 
 @pytest.mark.parametrize("sharing", ["none", "partial"])
 def test_adam_step_counts_count_each_agents_own_steps(sharing):
-    actor, critic, opts, b, per_agent = hand_made_batch(sharing)
+    """The actor's per-agent tensors count their agent's steps, its shared ones every turn's; the critic, fitted once
+    after the turns (Algorithm 3 line 14), takes MAPPO's epochs x minibatches steps per iteration."""
+    actor, critic, opts, b, params = hand_made_batch(sharing)
     steps = ARGS.update_epochs * ARGS.num_minibatches
     for iteration in (1, 2):
-        H.happo_update(actor, critic, opts, b, torch.randperm(N), per_agent, ARGS)
-        for opt, net, params in zip(opts, (actor, critic), per_agent, strict=True):
-            for p in net.parameters():
-                own = any(p is q for q in params)
-                assert opt.state[p]["step"].item() == iteration * steps * (1 if own else N)
+        H.happo_update(actor, critic, opts, b, ARGS)
+        for p in actor.parameters():
+            assert opts[0].state[p]["step"].item() == iteration * steps * (1 if any(p is q for q in params) else N)
+        assert all(opts[1].state[p]["step"].item() == iteration * steps for p in critic.parameters())
 
 
 def test_every_agents_slice_is_updated_exactly_as_by_an_adam_of_its_own(monkeypatch):
     """Without sharing, agent i's turn (at any position) must equal training agent i alone from the same start with a
     fresh Adam, the same M and the same minibatches: bias correction included, bit for bit."""
-    actor, critic, opts, b, per_agent = hand_made_batch("none")
-    start = copy.deepcopy((actor.state_dict(), critic.state_dict()))
+    actor, critic, opts, b, _ = hand_made_batch("none")
+    start = copy.deepcopy(actor.state_dict())
     original_turn = H.happo_turn
     turns = record_turns(monkeypatch)
-    _, _, factors = H.happo_update(actor, critic, opts, b, torch.tensor([0, 2, 1]), per_agent, ARGS)
+    H.happo_update(actor, critic, opts, b, ARGS)
+    assert [t["agent"] for t in turns] != list(range(N))  # some agent's turn is not at its own index
     for turn in turns:
         i = turn["agent"]
-        ref_actor, ref_critic = H.AgentNet(N, OBS, ACTS, HID, "none", recurrent=True), H.AgentNet(N, STATE, 1, HID, "none")
-        ref_actor.load_state_dict(start[0]), ref_critic.load_state_dict(start[1])
-        ref_opts = [torch.optim.Adam(net.parameters(), lr=5e-3, eps=1e-5) for net in (ref_actor, ref_critic)]
+        ref_actor = H.AgentNet(N, OBS, ACTS, HID, "none", recurrent=True)
+        ref_actor.load_state_dict(start)
         torch.set_rng_state(turn["rng"])  # the same minibatches
-        ref_per_agent = (H.agent_params(ref_actor, N), H.agent_params(ref_critic, N))
-        original_turn(ref_actor, ref_critic, ref_opts, b, factors[i], i, ref_per_agent, ARGS)
-        for net, ref in ((actor, ref_actor), (critic, ref_critic)):
-            for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
-                assert torch.equal(p[i], q[i]), f"agent {i}'s {name} differs from what an Adam of its own gives"
+        ref_opt = torch.optim.Adam(ref_actor.parameters(), lr=5e-3, eps=1e-5)
+        original_turn(ref_actor, ref_opt, b, turn["factor"], i, H.agent_params(ref_actor, N), ARGS)
+        for (name, p), q in zip(actor.named_parameters(), ref_actor.parameters(), strict=True):
+            assert torch.equal(p[i], q[i]), f"agent {i}'s {name} differs from what an Adam of its own gives"
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -1,0 +1,349 @@
+"""What each SMAC script's update for one iteration does (fp3o_update, mappo_update, happo_update, a2po_update), in
+process on conftest's hand-made batches: which steps run, which factors and products reach which step (each step's
+first gradient against the paper's objective written out here), the sign of the policy losses, and HAPPO's critic.
+
+A recorded optimizer step gives the parameters before it and the gradients it applies (after the script's gradient
+clipping, which these tests switch off with a huge max norm, as they switch off the entropy bonus)."""
+import copy
+
+import conftest
+import pytest
+import torch
+from conftest import HAND_MADE, assert_same_state_dict
+
+import a2po_smac as A
+import fp3o_smac as F
+import happo_smac as H
+import mappo_smac as M
+
+N, T, E = HAND_MADE["N"], HAND_MADE["T"], HAND_MADE["E"]
+EPS = 0.2
+PLAIN = dict(update_epochs=2, num_minibatches=1, ent_coef=0.0, max_grad_norm=1e9)  # plain gradients of the policy loss
+FAILS, HOLDS = 2, 0  # conftest.hand_made_batch seeds on which FP3O's condition fails / holds after the independent step
+
+
+def record_steps(opt):
+    """Wrap `opt.step`: before every step, record (the parameters' values, their gradients) as the step sees them."""
+    steps, step = [], opt.step
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def recording(*args, **kwargs):
+        steps.append(([p.detach().clone() for p in params], [p.grad.clone() for p in params]))
+        return step(*args, **kwargs)
+
+    opt.step = recording
+    return steps
+
+
+def at(actor, values):
+    """A copy of `actor` with the parameter values `values` (the first item of a recorded step)."""
+    net = copy.deepcopy(actor)
+    with torch.no_grad():
+        for p, v in zip(net.parameters(), values, strict=True):
+            p.copy_(v)
+    return net
+
+
+def rollout_logp(script, net, b):
+    """Log-probabilities [T, N, E] of the rollout's actions under `net`, with gradients."""
+    return script.evaluate_actions(net, b["obs"], b["avail"], b["actions"], b["h0"], b["starts"])[0]
+
+
+def ratios(script, net, b):
+    """pi / pi_k per sample under `net`, without gradients; dead agents' samples exactly 1."""
+    with torch.no_grad():
+        return torch.where(b["active"].bool(), (rollout_logp(script, net, b) - b["logp"]).exp(), torch.ones_like(b["logp"]))
+
+
+def ppo_clip(ratio, adv, eps=EPS):
+    return torch.min(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
+
+
+def agent_mean(x, active, agent):
+    """The mean of x [T, E] over agent `agent`'s alive samples."""
+    return (x * active[:, agent]).sum() / active[:, agent].sum()
+
+
+def assert_step_follows(script, step, actor, b, loss_of):
+    """The recorded `step` of `actor` applies the gradient of `loss_of(logp [T, N, E])`, the loss written out from the
+    paper; and that loss is the negative objective: a small move against the gradient raises the objective."""
+    net = at(actor, step[0])
+    params = list(net.parameters())
+    loss = loss_of(rollout_logp(script, net, b))
+    expected = torch.autograd.grad(loss, params)
+    assert sum(g.abs().sum() for g in expected) > 0
+    for (name, _), got, want in zip(net.named_parameters(), step[1], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7, msg=name)
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in step[1]))
+    with torch.no_grad():
+        for p, g in zip(params, step[1], strict=True):
+            p -= 1e-3 * g / norm
+        assert loss_of(rollout_logp(script, net, b)) < loss
+
+
+def training_state(actor, critic, opts):
+    """Both networks' parameters and the optimizers' states, flattened into one dict of tensors."""
+    out = {f"actor.{k}": v for k, v in actor.state_dict().items()}
+    out.update({f"critic.{k}": v for k, v in critic.state_dict().items()})
+    for name, opt in zip(("actor_opt", "critic_opt"), opts, strict=True):
+        for idx, state in opt.state_dict()["state"].items():
+            out.update({f"{name}.{idx}.{k}": v for k, v in state.items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- FP3O (Algorithm 1)
+def fp3o_run(sharing, seed, generator_seed=1, record=False, **flags):
+    """fp3o_update on conftest's batch `seed`; returns (actor, critic, opts, b, stats, diag, recorded actor steps,
+    the pipeline partners drawn)."""
+    actor, critic, opts, b = conftest.hand_made_batch(F, sharing, seed)
+    args = F.Args(sharing=sharing, **{**(PLAIN if record else dict(update_epochs=2, num_minibatches=2)), **flags})
+    steps, partners, draw = record_steps(opts[0]), [], F.pipeline_partners
+
+    def drawing(n_agents, generator=None):
+        partners.append(draw(n_agents, generator))
+        return partners[-1]
+
+    F.pipeline_partners = drawing
+    try:
+        stats, diag = F.fp3o_update(actor, critic, opts, b, args, torch.Generator().manual_seed(generator_seed))
+    finally:
+        F.pipeline_partners = draw
+    return actor, critic, opts, b, stats, diag, steps, partners
+
+
+@pytest.mark.parametrize("sharing", ["full", "partial", "none"])
+def test_fp3o_when_the_condition_fails_the_update_is_the_independent_step_alone(sharing):
+    """Algorithm 1: a failed condition skips the whole dependent step (actor and critic) and keeps the independent step;
+    --no-condition runs it anyway; where the condition holds it runs."""
+    variants = {"fp3o": {}, "independent": {"no_dependent_step": True}, "always": {"no_condition": True}}
+    runs = {(seed, name): fp3o_run(sharing, seed, **flags) for seed in (FAILS, HOLDS) for name, flags in variants.items()}
+    assert runs[FAILS, "fp3o"][5]["fp3o/condition_holds"] == 0.0 and runs[HOLDS, "fp3o"][5]["fp3o/condition_holds"] == 1.0
+    state = {key: training_state(*run[:3]) for key, run in runs.items()}
+    assert_same_state_dict(state[FAILS, "fp3o"], state[FAILS, "independent"], "failed condition against the independent step")
+    assert torch.equal(runs[FAILS, "fp3o"][4], runs[FAILS, "independent"][4])
+    assert runs[FAILS, "fp3o"][7] == [] and len(runs[FAILS, "always"][7]) == 1
+    for key in ((FAILS, "always"), (HOLDS, "fp3o")):
+        assert not torch.equal(state[key]["actor.head.weight"], state[key[0], "independent"]["actor.head.weight"]), key
+        assert not torch.equal(state[key]["critic.head.weight"], state[key[0], "independent"]["critic.head.weight"]), key
+    assert_same_state_dict(state[HOLDS, "fp3o"], state[HOLDS, "always"], "a condition that holds: as --no-condition")
+
+
+def fp3o_dependent_loss(b, rho, partner, double_clip, per_agent):
+    """The dependent step's loss written out: listing B.3's objective (or eq. D.10's), with factor_ij the product of
+    rho^m over m not in {i, j}, factor_j = rho^j, j = partner[i]; the negative mean over alive samples (under `none`
+    each agent's own mean, summed)."""
+
+    def loss_of(logp):
+        total = 0.0
+        for i in range(N):
+            j = int(partner[i])
+            others = torch.stack([rho[:, m] for m in range(N) if m != i], 1).prod(1)  # prod_{m != i} rho^m
+            factor_ij = torch.stack([rho[:, m] for m in range(N) if m not in (i, j)], 1).prod(1)
+            r = (logp[:, i] - b["logp"][:, i]).exp()
+            clipped, a = r.clamp(1 - EPS, 1 + EPS), b["adv"][:, i]
+            if double_clip:  # eq. D.10: g = clip(prod_{m != i} rho^m, 1 +- eps2)
+                g = others.clamp(1 - EPS, 1 + EPS)
+                obj = torch.min((r * g - rho[:, j]) * a, (clipped * g - rho[:, j]) * a)
+            else:
+                obj = torch.min((r * factor_ij - 1) * rho[:, j] * a, (clipped * factor_ij - 1) * rho[:, j] * a)
+            total = total - (agent_mean(obj, b["active"], i) if per_agent else (obj * b["active"][:, i]).sum())
+        return total if per_agent else total / b["active"].sum()
+
+    return loss_of
+
+
+@pytest.mark.parametrize("sharing", ["full", "none"])
+@pytest.mark.parametrize("double_clip", [False, True])
+def test_fp3o_steps_follow_the_objectives_with_this_batchs_intermediate_ratios(sharing, double_clip):
+    """The independent step's first gradient is PPO-clip's; the dependent step's first gradient is that of the literal
+    objective with the ratios rho = pi_{k+0.5} / pi_k of this batch under the actor the independent step left, and with
+    double clip, eq. D.10 on prod_{m != i} rho^m."""
+    actor, critic, opts, b, _, diag, steps, partners = fp3o_run(sharing, HOLDS, record=True, double_clip=double_clip)
+    assert diag["fp3o/condition_holds"] == 1.0 and len(steps) == 2 * PLAIN["update_epochs"] and len(partners) == 1
+    per_agent = sharing == "none"
+
+    def independent(logp):
+        obj = ppo_clip((logp - b["logp"]).exp(), b["adv"])
+        if per_agent:
+            return -sum(agent_mean(obj[:, i], b["active"], i) for i in range(N))
+        return -(obj * b["active"]).sum() / b["active"].sum()
+
+    assert_step_follows(F, steps[0], actor, b, independent)
+    first = steps[PLAIN["update_epochs"]]
+    rho = ratios(F, at(actor, first[0]), b)  # pi_{k+0.5}: the actor as the independent step left it
+    assert ((rho - 1).abs() > 0.05).float().mean() > 0.5  # ratios far from 1: the factors matter
+    assert_step_follows(F, first, actor, b, fp3o_dependent_loss(b, rho, partners[0], double_clip, per_agent))
+
+
+@pytest.mark.parametrize("seed,flags,logged", [(FAILS, {}, False), (FAILS, {"no_condition": True}, True), (HOLDS, {}, True),
+                                               (HOLDS, {"no_dependent_step": True}, False)])  # fmt: skip
+def test_fp3o_matching_degree_is_logged_only_where_the_dependent_step_ran(seed, flags, logged):
+    """Where the dependent step is skipped, pi_{k+1} = pi_{k+0.5} and the constraint equals the condition by construction:
+    nothing to log. Where it ran, the constraint of eq. 11 after it, S1' = sum A^i rho^i prod_{m != i} r_{k+1}^m against
+    S2 = sum A^i rho^i, and whether the condition agreed with it."""
+    actor, _, _, b, _, diag, steps, _ = fp3o_run("full", seed, record=True, **flags)
+    assert ("fp3o/condition_holds" in diag) == (not flags.get("no_dependent_step", False))
+    assert ("fp3o/constraint_holds" in diag) == ("fp3o/condition_matches" in diag) == logged
+    if logged:
+        rho, r_new = ratios(F, at(actor, steps[PLAIN["update_epochs"]][0]), b), ratios(F, actor, b)
+        others_new = torch.stack([r_new[:, [m for m in range(N) if m != i]].prod(1) for i in range(N)], 1)
+        s1, s2 = (b["adv"] * rho * others_new * b["active"]).sum(), (b["adv"] * rho * b["active"]).sum()
+        constraint = float(s1 >= s2 - 1e-5)
+        assert diag["fp3o/constraint_holds"] == constraint
+        assert diag["fp3o/condition_matches"] == float(constraint == diag["fp3o/condition_holds"])
+
+
+def test_fp3o_generator_draws_the_pipelines_and_minibatches():
+    a, b_ = fp3o_run("none", HOLDS, generator_seed=4), fp3o_run("none", HOLDS, generator_seed=4)
+    c = fp3o_run("none", HOLDS, generator_seed=5)
+    assert_same_state_dict(training_state(*a[:3]), training_state(*b_[:3]), "the same generator")
+    assert not torch.equal(a[0].state_dict()["head.weight"], c[0].state_dict()["head.weight"])
+    assert a[5].keys() == {"fp3o/condition_holds", "fp3o/S1", "fp3o/S2", "fp3o/constraint_holds", "fp3o/condition_matches",
+                           *(f"fp3o/kl_agent{i}" for i in range(N))}  # fmt: skip
+    r = ratios(F, a[0], a[3])
+    kl = ((r - 1) - r.log()).sum((0, 2)) / a[3]["active"].sum((0, 2))
+    assert [a[5][f"fp3o/kl_agent{i}"] for i in range(N)] == pytest.approx(kl.tolist(), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- MAPPO
+@pytest.mark.parametrize("sharing", ["full", "none"])
+def test_mappo_update_steps_on_ppo_clip_and_logs_each_agents_kl(sharing):
+    actor, critic, opts, b = conftest.hand_made_batch(M, sharing)
+    steps = record_steps(opts[0])
+    stats, diag = M.mappo_update(actor, critic, opts, b, M.Args(sharing=sharing, **PLAIN), torch.Generator().manual_seed(0))
+
+    def loss_of(logp):
+        obj = ppo_clip((logp - b["logp"]).exp(), b["adv"])
+        if sharing == "none":
+            return -sum(agent_mean(obj[:, i], b["active"], i) for i in range(N))
+        return -(obj * b["active"]).sum() / b["active"].sum()
+
+    assert len(steps) == PLAIN["update_epochs"]
+    for step in steps:
+        assert_step_follows(M, step, actor, b, loss_of)
+    r = ratios(M, actor, b)
+    kl = ((r - 1) - r.log()).sum((0, 2)) / b["active"].sum((0, 2))
+    assert diag.keys() == {f"mappo/kl_agent{i}" for i in range(N)} and stats.shape == (5,)
+    assert [diag[f"mappo/kl_agent{i}"] for i in range(N)] == pytest.approx(kl.tolist(), rel=1e-4)
+
+
+def test_mappo_generator_draws_the_minibatches():
+    results = []
+    for seed in (3, 3, 4):
+        actor, critic, opts, b = conftest.hand_made_batch(M, "full")
+        M.mappo_update(actor, critic, opts, b, M.Args(update_epochs=2, num_minibatches=2), torch.Generator().manual_seed(seed))
+        results.append(training_state(actor, critic, opts))
+    assert_same_state_dict(results[0], results[1], "the same generator")
+    assert not torch.equal(results[0]["actor.head.weight"], results[2]["actor.head.weight"])
+
+
+# ---------------------------------------------------------------------------------------------- HAPPO (Algorithm 3)
+def order_of(diag, prefix):
+    """The agents in the order the update took them, from the logged positions."""
+    return sorted(range(N), key=lambda i: diag[f"{prefix}/position_agent{i}"])
+
+
+@pytest.mark.parametrize("sharing", ["full", "partial", "none"])
+def test_happo_turns_step_on_m_times_ppo_clip_with_the_m_of_the_agents_before(sharing):
+    """Agent i_p's turn applies the gradient of M * PPO-clip on its own samples, where M is the product of the preceding
+    agents' ratios pi_{k+1}^{i_l} / pi_k^{i_l} under the actor as each left its turn (M = 1 for the first)."""
+    actor, critic, opts, b = conftest.hand_made_batch(H, sharing, logp_noise=0.2)
+    steps = record_steps(opts[0])
+    _, diag = H.happo_update(actor, critic, opts, b, H.Args(sharing=sharing, **PLAIN), torch.Generator().manual_seed(2))
+    order, per_turn = order_of(diag, "happo"), PLAIN["update_epochs"]
+    assert len(steps) == N * per_turn and order != list(range(N))
+    factor = torch.ones(T, E)
+    for p, i in enumerate(order):
+        if p:  # the preceding agent's new ratio, under the actor as its turn left it
+            factor = factor * ratios(H, at(actor, steps[p * per_turn][0]), b)[:, order[p - 1]]
+            assert ((factor - 1).abs() > 0.05).any()
+
+        def loss_of(logp, i=i, factor=factor):
+            return -agent_mean(factor * ppo_clip((logp[:, i] - b["logp"][:, i]).exp(), b["adv"][:, i]), b["active"], i)
+
+        assert_step_follows(H, steps[p * per_turn], actor, b, loss_of)
+
+
+@pytest.mark.parametrize("sharing", ["full", "partial", "none"])
+def test_happo_critic_is_fitted_once_after_the_turns_as_mappos(sharing):
+    """Algorithm 3 line 14: the critic fits all agents' samples for the epochs x minibatches of MAPPO's critic, after the
+    turns: from the same start the critic (and its Adam) ends bit-for-bit as MAPPO's (one minibatch: no draws)."""
+    results = []
+    for script, update in ((H, H.happo_update), (M, M.mappo_update)):
+        actor, critic, opts, b = conftest.hand_made_batch(script, sharing)
+        stats, _ = update(actor, critic, opts, b, script.Args(sharing=sharing, update_epochs=3, num_minibatches=1))
+        state = training_state(actor, critic, opts)
+        results.append(({k: v for k, v in state.items() if k.startswith("critic")}, stats[1]))
+    assert_same_state_dict(results[0][0], results[1][0], "HAPPO's critic against MAPPO's")
+    assert results[0][1] == results[1][1]  # the logged value loss
+
+
+@pytest.mark.parametrize("sharing", ["full", "none"])
+def test_happo_critic_fit_draws_minibatches_as_mappo_does(sharing):
+    args = dict(sharing=sharing, update_epochs=2, num_minibatches=2)
+    actor, critic, opts, b = conftest.hand_made_batch(H, sharing)
+    v_loss = H.happo_critic_fit(critic, opts[1], b, H.Args(**args), torch.Generator().manual_seed(6))
+    m_actor, m_critic, m_opts, m_b = conftest.hand_made_batch(M, sharing)
+    stats, _ = M.mappo_update(m_actor, m_critic, m_opts, m_b, M.Args(**args), torch.Generator().manual_seed(6))
+    assert_same_state_dict(m_critic.state_dict(), critic.state_dict(), "critic")
+    torch.testing.assert_close(v_loss, stats[1])
+
+
+# ---------------------------------------------------------------------------------------------- A2PO (Algorithms 1, 2)
+def a2po_batch(sharing):
+    """conftest's batch with PreOPC's inputs (eq. 2) and a value normaliser, as a2po_smac.py builds them."""
+    actor, critic, opts, b = conftest.hand_made_batch(A, sharing, logp_noise=0.2)
+    gen = torch.Generator().manual_seed(1)
+    value_norm = A.ValueNorm()
+    value_norm.update(1 + torch.randn(100, generator=gen))
+    trace = (torch.randn(T, 1, E, generator=gen), value_norm.denormalize(b["values"]), b["starts"][:, None],
+             torch.randn(N, E, generator=gen), torch.zeros(1, E))  # fmt: skip
+    return actor, critic, opts, b, trace, value_norm
+
+
+@pytest.mark.parametrize("sharing", ["none", "partial", "full"])
+def test_a2po_turns_step_on_eq_6_with_the_current_product_of_the_agents_that_moved(sharing):
+    """Each turn applies the gradient of eq. 6: l = r^i * clip(prod_j pi_hat^j / pi^j, 1 +- eps_i / 2) over the agents j
+    that have moved (without sharing the preceding agents; with a shared actor all others after the first turn), under
+    the actor as the turn starts, and min(l A, clip(l, 1 +- eps_i) A) with eps_i of agent i's position."""
+    actor, critic, opts, b, trace, value_norm = a2po_batch(sharing)
+    steps, turns, original = record_steps(opts[0]), [], A.a2po_turn
+
+    def recording(*args):
+        turns.append(args[3]["adv"])
+        return original(*args)
+
+    args = A.Args(sharing=sharing, **PLAIN)
+    A.a2po_turn = recording
+    try:
+        _, diag = A.a2po_update(actor, critic, opts, b, trace, value_norm, args, torch.Generator().manual_seed(1))
+    finally:
+        A.a2po_turn = original
+    order = order_of(diag, "a2po")
+    per_turn = PLAIN["update_epochs"] if sharing == "none" else 1  # shared actor: ceil(2 / 3) = 1 round of 1 epoch
+    assert len(steps) == N * per_turn and len(turns) == N
+    for p, i in enumerate(order):
+        eps_i = EPS * 0.5 + EPS * 0.5 * (p + 1) / N
+        current = ratios(A, at(actor, steps[p * per_turn][0]), b)
+        moved = order[:p] if sharing == "none" else [j for j in range(N) if p and j != i]
+        product = current[:, moved].prod(1) if moved else torch.ones(T, E)
+        if p:
+            assert ((product - 1).abs() > 0.05).any()
+
+        def loss_of(logp, i=i, eps_i=eps_i, product=product, adv=turns[p][:, i]):
+            l = (logp[:, i] - b["logp"][:, i]).exp() * product.clamp(1 - eps_i / 2, 1 + eps_i / 2)  # noqa: E741
+            return -agent_mean(torch.min(l * adv, l.clamp(1 - eps_i, 1 + eps_i) * adv), b["active"], i)
+
+        assert_step_follows(A, steps[p * per_turn], actor, b, loss_of)
+
+
+def test_a2po_generator_draws_the_order_and_the_minibatches():
+    results = []
+    for seed in (3, 3, 4):
+        actor, critic, opts, b, trace, value_norm = a2po_batch("none")
+        args = A.Args(sharing="none", update_epochs=2, num_minibatches=2)
+        _, diag = A.a2po_update(actor, critic, opts, b, trace, value_norm, args, torch.Generator().manual_seed(seed))
+        results.append((training_state(actor, critic, opts), order_of(diag, "a2po")))
+    assert_same_state_dict(results[0][0], results[1][0], "the same generator")
+    assert results[0][1] == results[1][1]
+    assert not torch.equal(results[0][0]["actor.head.weight"], results[2][0]["actor.head.weight"])
