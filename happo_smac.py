@@ -602,6 +602,15 @@ def step_one_agent(opt, params, agent):
             p[others], opt.state[p]["exp_avg"][others], opt.state[p]["exp_avg_sq"][others] = value, exp_avg, exp_avg_sq
 
 
+def clip_grad_norm(net, max_norm: float, per_agent: bool):
+    """torch's clip_grad_norm_ on the whole network, or (--sharing none) on each agent's own copy of it."""
+    grads = [p.grad for p in net.parameters()]
+    norm = sum(g.pow(2).flatten(1).sum(1) if per_agent else g.pow(2).sum() for g in grads).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(-1, *[1] * (g.dim() - 1)) if per_agent else scale)
+
+
 def value_loss_fn(new_values, old_values, returns_n, weights, clip_coef, delta):
     """Huber loss on normalised returns with value clipping (MAPPO), weighted by `weights` [T, N, B]."""
     clipped = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
@@ -638,8 +647,8 @@ def happo_turn(actor, opt, b, factor, agent, params, args, generator=None):
 
 def happo_critic_fit(critic, opt, b, args, generator=None):
     """Algorithm 3 line 14 (and HARL): after the turns, `update_epochs` epochs of minibatches of all agents' samples, as
-    MAPPO's critic (--sharing none: each agent's copy on its own samples' mean; the gradient norm is clipped over the whole
-    critic). Returns the mean value loss."""
+    MAPPO's critic (--sharing none: each agent's copy on its own samples' mean, with its own gradient-norm clipping).
+    Returns the mean value loss."""
     B, per_agent, losses = b["obs"].shape[2], args.sharing == "none", []
     for _ in range(args.update_epochs):
         mbs = torch.randperm(B, generator=generator).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]
@@ -650,7 +659,7 @@ def happo_critic_fit(critic, opt, b, args, generator=None):
                                    args.huber_delta)  # fmt: skip
             opt.zero_grad(set_to_none=True)
             (args.vf_coef * v_loss).backward()
-            nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+            clip_grad_norm(critic, args.max_grad_norm, per_agent)
             opt.step()
             losses.append(v_loss.detach() / (critic.n_agents if per_agent else 1))  # the agents' mean
     return torch.stack(losses).mean()

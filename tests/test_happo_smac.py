@@ -271,3 +271,21 @@ def test_resume_equals_an_uninterrupted_run(runs):
 @pytest.mark.parametrize("name", ["bad_map", "bad_sharing", "bad_backend"])
 def test_bad_input_is_one_clear_error(runs, name):
     assert_one_clear_error(runs[1][name])
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.02, 100.0])
+def test_critic_fit_without_sharing_steps_each_agents_copy_alone(max_grad_norm):
+    """--sharing none: the critic's fit after the turns moves each agent's copy as that agent's network alone would,
+    with its own gradient-norm clipping (a clip over the whole critic would couple the agents when it bites)."""
+    _, critic, _, b, _ = hand_made_batch("none")
+    args = H.Args(update_epochs=1, num_minibatches=1, sharing="none", max_grad_norm=max_grad_norm)
+    refs = [copy.deepcopy(critic) for _ in range(N)]
+    losses = []
+    for i, ref in enumerate(refs):
+        own = torch.zeros_like(b["active"])
+        own[:, i] = b["active"][:, i] / b["active"][:, i].sum()  # agent i's own mean
+        values = ref(b["state"])[0].squeeze(-1)
+        losses.append(H.value_loss_fn(values, b["values"], b["returns_n"], own, args.clip_coef, args.huber_delta))
+    H.happo_critic_fit(critic, torch.optim.SGD(critic.parameters(), lr=0.1), b, args)
+    for i in range(N):
+        conftest.assert_agent_steps_alone([critic], [refs[i]], [losses[i]], i, 0.1, max_grad_norm, max_grad_norm < 1)
