@@ -239,13 +239,14 @@ class MaMuJoCoAgents(gymnasium.Env):
         lock = os.path.join(tempfile.gettempdir(), "fp3o_mamujoco.lock")
         with open(lock, "w") as f, quiet_stderr():  # ManySegment* tasks write and delete a shared asset file while building
             fcntl.flock(f, fcntl.LOCK_EX)
-            limit = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}  # for gymnasium.make
-            self.env = import_mamujoco().parallel_env(scenario, agent_conf, agent_obsk=agent_obsk, **limit)
+            self.env = import_mamujoco().parallel_env(scenario, agent_conf, agent_obsk=agent_obsk)
         # gymnasium-robotics orders each agent's observed joints by label only; Pusher and ManySegmentAnt repeat labels,
         # so their observation layout would differ between env instances: break the ties by the joints' indices
         key = lambda n: (n.label, repr(n.qpos_ids), repr(n.qvel_ids), repr(n.act_ids), repr(n.bodies))
         self.env.k_dicts = [{k: sorted(v, key=key) for k, v in d.items()} for d in self.env.k_dicts]
         assert isinstance(self.env.single_agent_env, gymnasium.wrappers.TimeLimit)  # its step counter is state too
+        if max_episode_steps is not None:  # set on the wrapper: parallel_env's keyword misses CoupledHalfCheetah's limit
+            self.env.single_agent_env._max_episode_steps = max_episode_steps
         self.names = self.env.possible_agents
         self.obs_dims = [self.env.observation_space(a).shape[0] for a in self.names]
         self.act_dims = [self.env.action_space(a).shape[0] for a in self.names]
@@ -525,6 +526,34 @@ def standardize_per_agent(adv):
     return (adv - adv.mean(1, keepdim=True)) / (adv.std(1, unbiased=False, keepdim=True) + 1e-8)
 
 
+@torch.no_grad()
+def rollout_batch(buf, critic, value_norm, obs_norm, state_norm, act_mask, std, args):
+    """The update's batch [N, T * E, ...] from the rollout's buf [T, N, E, ...] (raw observations and states): values, GAE,
+    A^i, log pi_k(a|o). Normalised with the statistics the rollout acted with, which only then take in this rollout."""
+    (T, N, E), S, Nc = buf["obs"].shape[:3], buf["state"].shape[-1], critic.head.weight.shape[0]
+    flat = lambda x: x.transpose(0, 1).reshape(x.shape[1], T * E, *x.shape[3:])  # [T, N, E, ...] -> [N, T*E, ...]
+    value = lambda states: critic(state_norm(states).reshape(1, -1, S).expand(Nc, -1, -1))  # [Nc, T' * E, 1]
+    values = value(buf["state"]).view(Nc, T + 1, E).transpose(0, 1)  # V(s_t) and V(s_T) after the rollout
+    final_values = value(buf["final_state"]).view(Nc, T, E).transpose(0, 1)  # V(last state of an episode)
+    # GAE on de-normalised values, bootstrapping from V(final state) where a time limit cut the episode
+    adv, returns = compute_gae(buf["reward"], value_norm.denormalize(values), value_norm.denormalize(final_values),
+                               buf["terminated"], buf["truncated"], args.gamma, args.gae_lambda)  # fmt: skip
+    value_norm.update(returns)
+    adv = adv.expand(T, N, E).transpose(0, 1).reshape(N, T * E)  # the team's advantage for every agent
+    if args.advantage_split == "random":  # A^i = w^i A with random weights summing to 1 over agents (F.4)
+        adv = adv * torch.distributions.Dirichlet(torch.ones(T * E, N, device=adv.device)).sample().T
+    else:  # A^i = A / n (average split)
+        adv = adv / N
+    b = {"obs": obs_norm(flat(buf["obs"])),
+         "state": state_norm(buf["state"][:T].reshape(1, T * E, S)).expand(Nc, -1, -1),
+         "actions": flat(buf["actions"]), "mean": flat(buf["mean"]), "values": flat(values[:T]),
+         "returns_n": flat(value_norm.normalize(returns)), "adv": standardize_per_agent(adv),
+         "act_mask": act_mask, "std": std}  # fmt: skip
+    b["logp"] = gaussian_log_prob(b["actions"], b["mean"], std, act_mask)  # log pi_k(a|o)
+    obs_norm.update(buf["obs"], (0, 2)), state_norm.update(buf["state"][:T], (0, 1))  # for the next rollout
+    return b
+
+
 def pipeline_partners(n_agents: int, generator=None):
     """Non-overlapping selection (eq. 9, appendix E.3): a random permutation i_1..i_n and its cyclic
     left shift j_p = i_{p+1}, so f(i_p) = j_p. Returns partner[i] = f^-1(i): the agent whose pipeline
@@ -634,6 +663,32 @@ def fp3o_step(actor, critic, opts, b, factors, args, double_clip=False):
     return torch.stack(stats).mean(0).cpu()
 
 
+def fp3o_update(actor, critic, opts, b, args):
+    """One iteration of Algorithm 1 on rollout_batch's b -> (the steps' mean policy loss, value loss, entropy, approx. KL,
+    clip fraction), diagnostics. One agent: FP3O with n = 1 is PPO (no partner, no condition), the independent step only."""
+    n_agents, dependent = b["logp"].shape[0], False
+    stats, diag = fp3o_step(actor, critic, opts, b, (1.0, 1.0), args), {}  # independent step (eq. 10): factors 1
+    if not args.no_dependent_step and n_agents > 1:
+        with torch.no_grad():  # intermediate policy pi_{k+0.5}: fixed per-sample ratios rho^i
+            rho = (gaussian_log_prob(b["actions"], *actor(b["obs"]), b["act_mask"]) - b["logp"]).exp()
+        holds, s1, s2 = fp3o_condition(rho, b["adv"], args.condition_slack)
+        diag.update({"fp3o/condition_holds": float(holds), "fp3o/S1": s1, "fp3o/S2": s2})
+        if dependent := holds or args.no_condition:
+            # dependent step (eq. 11): agent i's pipeline partner j = f^-1(i) from the cyclic shift
+            factor_ij, factor_j = fp3o_factors(rho, pipeline_partners(n_agents))
+            factors = (factor_ij * factor_j, factor_j) if args.double_clip else (factor_ij, factor_j)
+            stats = (stats + fp3o_step(actor, critic, opts, b, factors, args, args.double_clip)) / 2
+    with torch.no_grad():
+        mean_new, std_new = actor(b["obs"])
+        kl = gaussian_kl(b["mean"], b["std"], mean_new, std_new, b["act_mask"]).mean(1)  # KL(pi_k^i || pi_{k+1}^i)
+        if dependent:  # matching degree (Figure 1) only here: a skipped step's constraint is the condition itself
+            ratio_new = (gaussian_log_prob(b["actions"], mean_new, std_new, b["act_mask"]) - b["logp"]).exp()
+            constraint = fp3o_constraint(rho, ratio_new, b["adv"], args.condition_slack)
+            diag.update({"fp3o/constraint_holds": float(constraint), "fp3o/condition_matches": float(constraint == holds)})
+    diag.update({f"fp3o/kl_agent{i}": kl[i].item() for i in range(n_agents)})
+    return stats, diag
+
+
 @torch.no_grad()
 def evaluate(actor, envs, obs_norm, episodes):
     """`episodes` deterministic episodes (mean action) on their own environments, one per env."""
@@ -721,7 +776,7 @@ if __name__ == "__main__":
     buf = dict(obs=torch.zeros(T, N, E, O, device=device), actions=torch.zeros(T, N, E, A, device=device),
                mean=torch.zeros(T, N, E, A, device=device), state=torch.zeros(T + 1, E, S, device=device),
                final_state=torch.zeros(T, E, S, device=device))  # fmt: skip
-    rewards, terminated, truncated = (torch.zeros(T, 1, E, device=device) for _ in range(3))
+    buf.update({k: torch.zeros(T, 1, E, device=device) for k in ("reward", "terminated", "truncated")})
     num_iterations = args.total_timesteps // (E * T)
     global_step, first_iteration, last_return = 0, 1, float("nan")
     nxt = envs.reset(seed=args.seed)
@@ -748,58 +803,18 @@ if __name__ == "__main__":
                 mean = actor.net(obs_norm(buf["obs"][t]))
                 buf["actions"][t], buf["mean"][t] = mean + std * torch.randn_like(mean), mean
                 nxt = envs.step(buf["actions"][t].transpose(0, 1))  # clipped to the bounds in the env, stored unclipped
-                rewards[t, 0], terminated[t, 0], truncated[t, 0] = nxt["reward"], nxt["terminated"], nxt["truncated"]
+                for k in ("reward", "terminated", "truncated"):
+                    buf[k][t, 0] = nxt[k]
                 if nxt["any_done"]:  # keep the last state of finished episodes: a time limit bootstraps from its value
                     buf["final_state"][t] = nxt["final_state"]
                     ep_returns.append(nxt["ep_return"][nxt["done"]])
                     ep_lengths.append(nxt["ep_length"][nxt["done"]])
             global_step += E * T
             buf["state"][T] = nxt["state"]
-            flat = lambda x: x.transpose(0, 1).reshape(x.shape[1], T * E, *x.shape[3:])  # [T, N, E, ...] -> [N, T*E, ...]
-            value = lambda states: critic(state_norm(states).reshape(1, -1, S).expand(Nc, -1, -1))  # [Nc, T' * E, 1]
-            values = value(buf["state"]).view(Nc, T + 1, E).transpose(0, 1)  # V(s_t) and V(s_T) after the rollout
-            final_values = value(buf["final_state"]).view(Nc, T, E).transpose(0, 1)  # V(last state of an episode)
-            # GAE on de-normalised values, bootstrapping from V(final state) where a time limit cut the episode
-            adv, returns = compute_gae(rewards, value_norm.denormalize(values), value_norm.denormalize(final_values),
-                                       terminated, truncated, args.gamma, args.gae_lambda)  # fmt: skip
-            value_norm.update(returns)
-            adv = adv.expand(T, N, E).transpose(0, 1).reshape(N, T * E)  # the team's advantage for every agent
-            if args.advantage_split == "random":  # A^i = w^i A with random weights summing to 1 over agents (F.4)
-                adv = adv * torch.distributions.Dirichlet(torch.ones(T * E, N, device=device)).sample().T
-            else:  # A^i = A / n (average split)
-                adv = adv / N
-            b = {"obs": obs_norm(flat(buf["obs"])),
-                 "state": state_norm(buf["state"][:T].reshape(1, T * E, S)).expand(Nc, -1, -1),
-                 "actions": flat(buf["actions"]), "mean": flat(buf["mean"]), "values": flat(values[:T]),
-                 "returns_n": flat(value_norm.normalize(returns)), "adv": standardize_per_agent(adv),
-                 "act_mask": envs.act_mask}  # fmt: skip
-            b["logp"] = gaussian_log_prob(b["actions"], b["mean"], std, b["act_mask"])  # log pi_k(a|o)
-            obs_norm.update(buf["obs"], (0, 2)), state_norm.update(buf["state"][:T], (0, 1))  # for the next rollout
+        b = rollout_batch(buf, critic, value_norm, obs_norm, state_norm, envs.act_mask, std, args)
         rollout_time, t1 = time.time() - t0, time.time()
 
-        # ---- FP3O update (Algorithm 1) ----
-        # independent step (eq. 10): every pipeline's first agent i_p, i.e. every agent, with factors 1
-        stats = fp3o_step(actor, critic, opts, b, (1.0, 1.0), args)
-        diag = {}
-        if not args.no_dependent_step:
-            # intermediate policy pi_{k+0.5}: fixed per-sample ratios rho^i
-            with torch.no_grad():
-                rho = (gaussian_log_prob(b["actions"], *actor(b["obs"]), b["act_mask"]) - b["logp"]).exp()
-            holds, s1, s2 = fp3o_condition(rho, b["adv"], args.condition_slack)
-            diag.update({"fp3o/condition_holds": float(holds), "fp3o/S1": s1, "fp3o/S2": s2})
-            if holds or args.no_condition:
-                # dependent step (eq. 11): agent i's pipeline partner j = f^-1(i) from the cyclic shift
-                factor_ij, factor_j = fp3o_factors(rho, pipeline_partners(N))
-                factors = (factor_ij * factor_j, factor_j) if args.double_clip else (factor_ij, factor_j)
-                stats = (stats + fp3o_step(actor, critic, opts, b, factors, args, args.double_clip)) / 2
-        with torch.no_grad():
-            mean_new, std_new = actor(b["obs"])
-            kl = gaussian_kl(b["mean"], std, mean_new, std_new, b["act_mask"]).mean(1)  # KL(pi_k^i || pi_{k+1}^i)
-            if not args.no_dependent_step:
-                ratio_new = (gaussian_log_prob(b["actions"], mean_new, std_new, b["act_mask"]) - b["logp"]).exp()
-                constraint = fp3o_constraint(rho, ratio_new, b["adv"], args.condition_slack)
-                diag.update({"fp3o/constraint_holds": float(constraint), "fp3o/condition_matches": float(constraint == holds)})
-        diag.update({f"fp3o/kl_agent{i}": kl[i].item() for i in range(N)})
+        stats, diag = fp3o_update(actor, critic, opts, b, args)
         update_time = time.time() - t1
         if not torch.isfinite(stats).all():
             kept = ckpt_path if args.save_model else "none saved: use --save-model"
@@ -812,7 +827,7 @@ if __name__ == "__main__":
         sps = int((global_step - start_step) / (time.time() - start_time))
         scalars = {"charts/SPS": sps, "charts/learning_rate": opts[0].param_groups[0]["lr"], "losses/policy_loss": pg_loss,
                    "losses/value_loss": v_loss, "losses/entropy": entropy, "losses/approx_kl": approx_kl,
-                   "losses/clipfrac": clipfrac, "charts/action_std": std_new.mean().item(),
+                   "losses/clipfrac": clipfrac, "charts/action_std": actor.std().mean().item(),
                    "losses/explained_variance": (1 - (y_true - y_pred).var() / var_y).item() if var_y > 0 else float("nan"),
                    "charts/rollout_time": rollout_time, "charts/update_time": update_time, **diag}  # fmt: skip
         if ep_returns:

@@ -407,6 +407,46 @@ def clip_grad_norm_per_agent(net, max_norm):
         p.grad.mul_(scale.view(-1, *[1] * (p.dim() - 1)) if p.shape[0] > 1 else scale.min())
 
 
+@torch.no_grad()
+def rollout(actor, critic, envs, next_obs, buf):
+    """Steps the envs T times from next_obs [N, E, O] into buf [T, N, E, ...]: observations, actions, log pi_k, values,
+    rewards, episode ends and, where the time limit truncated an episode, V of its final observation (not of the next
+    episode's first one, which the env hands back in its place). Returns (the observation after the rollout, the
+    returns of the episodes that ended)."""
+    ep_returns, device = [], next_obs.device
+    for t in range(buf["obs"].shape[0]):
+        buf["obs"][t] = next_obs
+        buf["actions"][t], buf["logp"][t] = actor.act(next_obs)
+        buf["values"][t] = critic(next_obs)[..., 0]
+        nxt = envs.step(buf["actions"][t].transpose(0, 1).cpu().numpy())
+        buf["rewards"][t] = nxt["reward"].T.to(device)
+        buf["terminated"][t, 0], buf["truncated"][t, 0] = nxt["terminated"], nxt["truncated"]
+        if nxt["truncated"].any():  # V(final observation) of the truncated episodes, to bootstrap from
+            buf["final_values"][t] = critic(nxt["final_obs"].transpose(0, 1).to(device))[..., 0]
+        if nxt["done"].any():
+            ep_returns.append(nxt["ep_return"][nxt["done"]])
+        next_obs = nxt["obs"].transpose(0, 1).to(device)
+    return next_obs, ep_returns
+
+
+@torch.no_grad()
+def rollout_batch(buf, critic, value_norm, next_obs, args):
+    """The update's batch [N, T * E, ...] from buf [T, N, E, ...]: GAE per agent on its own reward with de-normalised
+    values and time-limit bootstrapping, standardised advantages, returns normalised by value_norm (updated with them)."""
+    T, N, E = buf["obs"].shape[:3]
+    values, final_values = value_norm.denormalize(buf["values"]), value_norm.denormalize(buf["final_values"])
+    last_value = value_norm.denormalize(critic(next_obs)[..., 0])
+    next_values = bootstrap_values(values, last_value, final_values, buf["terminated"], buf["truncated"])
+    dones = (buf["terminated"] | buf["truncated"]).float()
+    adv, returns = compute_gae(buf["rewards"], values, next_values, dones, args.gamma, args.gae_lambda)
+    flat = lambda x: x.transpose(0, 1).reshape(N, T * E, *x.shape[3:])  # [T, N, E, ...] -> [N, T*E, ...]
+    b = {k: flat(buf[k]) for k in ("obs", "actions", "logp", "values")}
+    b["adv"], returns = standardize_per_agent(flat(adv)), flat(returns)
+    value_norm.update(returns)
+    b["returns_n"] = value_norm.normalize(returns)
+    return b
+
+
 def ippo_update(actor, critic, opts, b, args):
     """`update_epochs` epochs over random minibatches of the samples [N, B]: every agent maximises PPO-clip with its
     own advantage at once (one batched pass for all agents), and the critic regresses V(o^i) on agent i's returns.
@@ -539,32 +579,10 @@ if __name__ == "__main__":
     start_time, start_step = time.time(), global_step
 
     for iteration in range(first_iteration, num_iterations + 1):
-        t0, ep_returns = time.time(), []
-        with torch.no_grad():
-            for t in range(T):
-                buf["obs"][t] = next_obs
-                buf["actions"][t], buf["logp"][t] = actor.act(next_obs)
-                buf["values"][t] = critic(next_obs)[..., 0]
-                nxt = envs.step(buf["actions"][t].transpose(0, 1).cpu().numpy())
-                buf["rewards"][t] = nxt["reward"].T.to(device)
-                buf["terminated"][t, 0], buf["truncated"][t, 0] = nxt["terminated"], nxt["truncated"]
-                if nxt["truncated"].any():  # V(final observation) of the truncated episodes, to bootstrap from
-                    buf["final_values"][t] = critic(nxt["final_obs"].transpose(0, 1).to(device))[..., 0]
-                if nxt["done"].any():
-                    ep_returns.append(nxt["ep_return"][nxt["done"]])
-                next_obs = nxt["obs"].transpose(0, 1).to(device)
-            global_step += E * T
-            # GAE per agent on its own reward, with de-normalised values and time-limit bootstrapping
-            values, final_values = value_norm.denormalize(buf["values"]), value_norm.denormalize(buf["final_values"])
-            last_value = value_norm.denormalize(critic(next_obs)[..., 0])
-            next_values = bootstrap_values(values, last_value, final_values, buf["terminated"], buf["truncated"])
-            dones = (buf["terminated"] | buf["truncated"]).float()
-            adv, returns = compute_gae(buf["rewards"], values, next_values, dones, args.gamma, args.gae_lambda)
-            flat = lambda x: x.transpose(0, 1).reshape(N, T * E, *x.shape[3:])  # [T, N, E, ...] -> [N, T*E, ...]
-            b = {k: flat(buf[k]) for k in ("obs", "actions", "logp", "values")}
-            b["adv"], returns = standardize_per_agent(flat(adv)), flat(returns)
-            value_norm.update(returns)
-            b["returns_n"] = value_norm.normalize(returns)
+        t0 = time.time()
+        next_obs, ep_returns = rollout(actor, critic, envs, next_obs, buf)
+        global_step += E * T
+        b = rollout_batch(buf, critic, value_norm, next_obs, args)
         rollout_time, t1 = time.time() - t0, time.time()
 
         stats = ippo_update(actor, critic, opts, b, args)

@@ -1,6 +1,7 @@
 """fp3o_mamujoco.py: Gaussian policy math, padding and agent ids, the MaMuJoCo wrapper (against gymnasium-robotics
-itself), time-limit bootstrapping in GAE, FP3O's objective with continuous actions, and end-to-end runs (every
-sharing mode, exact resume, sync == async environments, evaluation of a saved model, bad input).
+itself), time-limit bootstrapping in GAE, FP3O's objective with continuous actions, the whole update on hand-made
+rollouts (the batch's normalisation, each step's gradient, when the dependent step runs, one agent), and end-to-end runs
+(every sharing mode, one agent, exact resume, sync == async environments, evaluation of a saved model, bad input).
 
 The end-to-end runs are started once per module (two processes at a time, see conftest.run_scripts)."""
 import copy
@@ -487,6 +488,160 @@ def test_fp3o_step_with_scalar_factors_equals_ones_tensors():
     assert_same_state_dict(results[0][1], results[1][1], "critic")
 
 
+# ---------------------------------------------------------------------------------------------- the whole update
+T_, E_, O_, S_ = 16, 4, 6, 5  # steps, envs, observation and state sizes of the hand-made rollouts
+
+
+class StepRecorder(torch.optim.Adam):
+    """The script's Adam (eps 1e-5), keeping at every step the parameters it starts from and the gradient it applies."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr, eps=1e-5)
+        self.steps = []
+
+    def __setstate__(self, state):  # a deep copy keeps no record
+        super().__setstate__(state)
+        self.steps = []
+
+    def step(self, closure=None):
+        params = self.param_groups[0]["params"]
+        self.steps.append(([p.detach().clone() for p in params], [p.grad.clone() for p in params]))
+        return super().step(closure)
+
+
+def rollout_buffer(actor, obs_norm, N, seed=0):
+    """A rollout's storage [T, N, E, ...] as the script's loop fills it: raw observations and states, actions sampled
+    around the actor's mean at the normalised observations, a termination and a time limit."""
+    gen = torch.Generator().manual_seed(seed)
+    buf = dict(obs=3 + 2 * torch.randn(T_, N, E_, O_, generator=gen), state=1 - torch.randn(T_ + 1, E_, S_, generator=gen),
+               final_state=torch.randn(T_, E_, S_, generator=gen), reward=torch.randn(T_, 1, E_, generator=gen),
+               terminated=torch.zeros(T_, 1, E_), truncated=torch.zeros(T_, 1, E_))  # fmt: skip
+    buf["terminated"][5, 0, 1] = buf["truncated"][9, 0, 2] = 1.0
+    with torch.no_grad():
+        buf["mean"] = torch.stack([actor.net(obs_norm(o)) for o in buf["obs"]])
+        buf["actions"] = buf["mean"] + actor.std() * torch.randn(buf["mean"].shape, generator=gen)
+    return buf
+
+
+def update_setup(sharing="partial", act_dims=(2, 1, 3), seed=0, lr=3e-3, norms=None, **kw):
+    """Actor, critic, their (recording) optimizers, the batch rollout_batch makes of a hand-made rollout, and Args
+    (two epochs of one minibatch, no gradient clipping)."""
+    torch.manual_seed(seed)
+    N, A = len(act_dims), max(act_dims)
+    actor, Nc = F.GaussianActor(N, O_, A, 16, sharing), N if sharing == "none" else 1
+    critic = F.AgentNet(Nc, S_, 1, 16, "none" if Nc > 1 else "full", out_gain=1.0)
+    opts = [StepRecorder(actor.parameters(), lr), StepRecorder(critic.parameters(), lr)]
+    norms = norms or (F.ValueNorm(), F.RunningNorm((N, 1, O_)), F.RunningNorm((S_,)))
+    buf = rollout_buffer(actor, norms[1], N, seed)
+    args = F.Args(sharing=sharing, num_steps=T_, num_envs=E_, num_minibatches=1, update_epochs=2, clip_coef=EPS,
+                  max_grad_norm=1e6, **kw)  # fmt: skip
+    b = F.rollout_batch(buf, critic, *norms, act_mask(act_dims).float(), actor.std().detach(), args)
+    return actor, critic, opts, b, args, buf
+
+
+def same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_rollout_batch_normalises_with_the_statistics_the_rollout_acted_with():
+    """Observations, states (and so values) in the batch are normalised with the statistics the rollout acted with;
+    only then do the statistics take in this rollout, for the next one. A truncation bootstraps from the final state."""
+    gen = torch.Generator().manual_seed(1)
+    norms = (F.ValueNorm(), F.RunningNorm((3, 1, O_)), F.RunningNorm((S_,)))
+    norms[0].update(5 * torch.randn(100, generator=gen))
+    norms[1].update(torch.randn(4, 3, 8, O_, generator=gen), (0, 2)), norms[2].update(torch.randn(9, S_, generator=gen), (0,))
+    before = copy.deepcopy(norms)
+    actor, critic, _, b, args, buf = update_setup(norms=norms)
+    flat = lambda x: x.transpose(0, 1).reshape(x.shape[1], T_ * E_, *x.shape[3:])
+    assert torch.equal(b["obs"], before[1](flat(buf["obs"])))
+    states = before[2](buf["state"][:T_].reshape(1, T_ * E_, S_))
+    assert torch.equal(b["state"], states) and torch.equal(b["values"], critic(states)[..., 0].detach())
+    refs = copy.deepcopy(before[1:])
+    for norm, ref, x, dims in zip(norms[1:], refs, (buf["obs"], buf["state"][:T_]), ((0, 2), (0, 1)), strict=True):
+        ref.update(x, dims)
+        assert_same_state_dict(norm.state_dict(), ref.state_dict(), "statistics after the rollout")
+    with torch.no_grad():
+        logp = F.gaussian_log_prob(b["actions"], flat(buf["mean"]), actor.std(), b["act_mask"])
+    assert torch.equal(b["logp"], logp) and torch.equal(b["adv"][0], b["adv"][1]), "the average split: A^i = A / n"
+    again = lambda buf: F.rollout_batch(buf, critic, *copy.deepcopy(before), b["act_mask"], actor.std().detach(), args)
+    adv = again(copy.deepcopy(buf))["adv"]
+    for t, e, used in ((9, 2, True), (5, 1, False), (3, 0, False)):  # truncated, terminated, no episode end
+        changed = copy.deepcopy(buf)
+        changed["final_state"][t, e] += 3.0
+        assert torch.equal(again(changed)["adv"], adv) != used, (t, e)
+
+
+def loss_grads(actor, params, b, weights, args):
+    """The gradient of the script's actor loss for FP3O's objective written as weights * PPO-clip (plus the entropy
+    bonus; under --sharing none each agent's mean summed) at `params`, and the ratios r = pi / pi_k there."""
+    ref = copy.deepcopy(actor)
+    with torch.no_grad():
+        for p, q in zip(ref.parameters(), params, strict=True):
+            p.copy_(q)
+    mean, std = ref(b["obs"])
+    r = (F.gaussian_log_prob(b["actions"], mean, std, b["act_mask"]) - b["logp"]).exp()
+    entropy = F.gaussian_entropy(std, b["act_mask"]).mean()
+    loss = -(weights * ppo_clip(r, b["adv"], args.clip_coef)).mean() - args.ent_coef * entropy
+    n_sum = r.shape[0] if args.sharing == "none" else 1
+    return torch.autograd.grad(n_sum * loss, list(ref.parameters())), r.detach()
+
+
+@pytest.mark.parametrize("double_clip", [False, True])
+@pytest.mark.parametrize("sharing", ["partial", "none"])
+def test_each_step_follows_the_gradient_of_its_objective_with_the_intermediate_ratios_of_the_batch(sharing, double_clip):
+    """The independent step's first gradient is that of -PPO-clip (the sign that increases the objective). The dependent
+    step's first one is that of -prod_{m != i} rho^m * PPO-clip (listing B.3's literal objective: the partner only adds
+    a constant), or with double clip of -clip(prod_{m != i} rho^m, 1 +- eps2) * PPO-clip (eq. D.10), with
+    rho = pi_{k+0.5} / pi_k on this very batch, measured after the independent step."""
+    actor, critic, opts, b, args, _ = update_setup(sharing, double_clip=double_clip, inner_clip_coef=0.05, no_condition=True)
+    F.fp3o_update(actor, critic, opts, b, args)
+    steps, first = opts[0].steps, args.update_epochs * args.num_minibatches  # the first step of the dependent step
+    assert len(steps) == 2 * first and len(opts[1].steps) == 2 * first, "the critic trains on both steps"
+    expected, r = loss_grads(actor, steps[0][0], b, 1.0, args)
+    torch.testing.assert_close(r, torch.ones_like(r), rtol=0, atol=1e-5)  # the rollout's own policy
+    for g, e in zip(steps[0][1], expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+    _, rho = loss_grads(actor, steps[first][0], b, 1.0, args)
+    others = rho.prod(0, keepdim=True) / rho  # prod_{m != i} rho^m
+    weights = others.clamp(1 - 0.05, 1 + 0.05) if double_clip else others
+    assert (others - 1).abs().max() > 0.1 and ((others - weights).abs().max() > 0.02) == double_clip
+    expected, _ = loss_grads(actor, steps[first][0], b, weights, args)
+    for g, e in zip(steps[first][1], expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", ["holds", "fails", "fails_no_condition"])
+def test_the_dependent_step_runs_when_the_condition_holds_or_is_ignored(case):
+    """Two agents. The average split (the same advantage for both) makes the condition hold; opposite advantages make
+    it fail, and then the update is the independent step alone, bit for bit (same random minibatches), unless
+    --no-condition. The constraint and the matching degree are measured only where the dependent step ran."""
+    actor, critic, opts, b, args, _ = update_setup(act_dims=(2, 3), no_condition=case == "fails_no_condition")
+    if case != "holds":
+        b["adv"][1] = -b["adv"][0]
+    ref_actor, ref_critic, ref_opts = copy.deepcopy((actor, critic, opts))
+    torch.manual_seed(7)
+    stats, diag = F.fp3o_update(actor, critic, opts, b, args)
+    torch.manual_seed(7)
+    ref_stats = F.fp3o_step(ref_actor, ref_critic, ref_opts, b, (1.0, 1.0), args)
+    ran = case != "fails"
+    assert diag["fp3o/condition_holds"] == float(case == "holds")
+    assert {"fp3o/constraint_holds", "fp3o/condition_matches"} <= set(diag) if ran else "fp3o/S1" in diag
+    assert not ran or diag["fp3o/condition_matches"] == float(diag["fp3o/constraint_holds"] == diag["fp3o/condition_holds"])
+    assert ran or not {"fp3o/constraint_holds", "fp3o/condition_matches"} & set(diag)
+    assert same_weights(actor, ref_actor) == same_weights(critic, ref_critic) == torch.equal(stats, ref_stats) == (not ran)
+
+
+def test_one_agent_is_ppo_the_independent_step_alone():
+    """n = 1 (e.g. ManySegmentSwimmer 1x4): no pipeline partner and no condition, FP3O is PPO-clip."""
+    actor, critic, opts, b, args, _ = update_setup("full", act_dims=(3,))
+    ref_actor, ref_critic, ref_opts = copy.deepcopy((actor, critic, opts))
+    torch.manual_seed(7)
+    stats, diag = F.fp3o_update(actor, critic, opts, b, args)
+    torch.manual_seed(7)
+    assert torch.equal(stats, F.fp3o_step(ref_actor, ref_critic, ref_opts, b, (1.0, 1.0), args))
+    assert same_weights(actor, ref_actor) and same_weights(critic, ref_critic) and set(diag) == {"fp3o/kl_agent0"}
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 SCRIPT = "fp3o_mamujoco.py"
 ITER = 2 * 32
@@ -527,6 +682,8 @@ def runs(tmp_path_factory):
         Job("none", SCRIPT, TINY + one + ["--scenario", "Hopper", "--agent-conf", "3x1", "--sharing", "none", "--no-condition",
                                           "--advantage-split", "random", "--eval-interval", 1, "--save-model"],
             base / "none"),  # fmt: skip
+        Job("one_agent", SCRIPT, TINY + one + ["--scenario", "ManySegmentSwimmer", "--agent-conf", "1x4",
+                                               "--eval-interval", 0], base / "one_agent"),  # fmt: skip
         Job("no_dep", SCRIPT, TINY + one + ["--no-dependent-step", "--eval-interval", 0, "--no-normalize-obs", "--save-model"],
             base / "no_dep"),  # fmt: skip
     ]
@@ -546,12 +703,15 @@ REQUIRED_TAGS = ["charts/SPS", "charts/learning_rate", "charts/episodic_return",
 def test_runs_log_the_expected_scalars(runs, name, n_agents):
     _, cwd = ran_ok(runs, name)
     scalars = read_scalars(run_dir(cwd))
-    tags = REQUIRED_TAGS + ["fp3o/condition_holds", "fp3o/S1", "fp3o/constraint_holds"]
-    tags += [f"fp3o/kl_agent{i}" for i in range(n_agents)]
+    tags = REQUIRED_TAGS + ["fp3o/condition_holds", "fp3o/S1"] + [f"fp3o/kl_agent{i}" for i in range(n_agents)]
     assert not [t for t in tags if t not in scalars], sorted(scalars)
     assert f"fp3o/kl_agent{n_agents}" not in scalars
     iterations = 2 if name == "full" else 1
     assert [s for s, _ in scalars["charts/SPS"]] == [ITER * (i + 1) for i in range(iterations)]
+    # the matching degree where the dependent step ran: the condition held, or every iteration under --no-condition
+    ran = [s for s, v in scalars["fp3o/condition_holds"] if v == 1 or name == "none"]
+    for tag in ("fp3o/constraint_holds", "fp3o/condition_matches"):
+        assert [s for s, _ in scalars.get(tag, [])] == ran, tag
     for tag in ("losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl", "eval/episodic_return"):
         assert all(math.isfinite(v) for _, v in scalars[tag]), tag
     assert all(v == pytest.approx(1e-5) for _, v in scalars["charts/learning_rate"])
@@ -589,6 +749,14 @@ def test_no_dependent_step_runs_the_independent_step_only(runs):
     assert "fp3o/kl_agent0" in scalars and not any(t.startswith(("fp3o/condition", "fp3o/S", "eval/")) for t in scalars)
     ckpt = load_checkpoint(find_checkpoint(cwd))
     assert ckpt["obs_norm"]["count"].item() == pytest.approx(1e-4), "--no-normalize-obs keeps the statistics unused"
+
+
+def test_one_agent_runs_ppo(runs):
+    """ManySegmentSwimmer 1x4 has one agent: FP3O with n = 1 is PPO, no condition and no dependent step."""
+    _, cwd = ran_ok(runs, "one_agent")
+    scalars = read_scalars(run_dir(cwd))
+    assert "fp3o/kl_agent0" in scalars and "losses/policy_loss" in scalars
+    assert not [t for t in scalars if t.startswith(("fp3o/condition", "fp3o/S", "fp3o/constraint"))], sorted(scalars)
 
 
 def test_track_writes_an_offline_wandb_run(runs):

@@ -1,6 +1,6 @@
 """ippo_mpe.py: the MPE wrapper (padding, masking, truncation, state), the networks under each sharing mode, the IPPO
-loss and update, GAE with time-limit bootstrapping (in process); short end-to-end runs on every task and sharing mode,
-exact resume, evaluation of a saved model, a non-finite loss and bad input (subprocesses)."""
+loss and update, the rollout and its batch (GAE with time-limit bootstrapping) in process; short end-to-end runs on
+every task and sharing mode, exact resume, evaluation of a saved model, a non-finite loss and bad input (subprocesses)."""
 import copy
 import math
 import re
@@ -228,6 +228,12 @@ def test_ppo_clip_gradient_is_zero_exactly_where_clipped():
 
 
 N, B, OBS, HID = 3, 64, 11, 8
+
+
+def ppo_clip(logp, b):
+    """Each agent's PPO-clip objective on the batch b (its mean over samples), [N]."""
+    ratio = (logp - b["logp"]).exp()
+    return torch.min(ratio * b["adv"], ratio.clamp(1 - EPS, 1 + EPS) * b["adv"]).mean(1).detach()
 AVAIL = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
 
 
@@ -282,6 +288,17 @@ def test_ippo_update_is_one_ppo_clip_step_per_agent_on_its_own_advantage(sharing
     for net, ref in ((actor, ref_actor), (critic, ref_critic)):
         for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("sharing", ["full", "none"])
+def test_the_policy_loss_has_the_sign_that_increases_each_agents_objective(sharing):
+    """One small SGD step without entropy bonus: every agent's PPO-clip objective on the batch goes up."""
+    actor, critic, _, b = hand_made_batch(sharing)
+    objective = lambda: ppo_clip(actor.log_prob_entropy(actor.dist(b["obs"]), b["actions"])[0], b)
+    before = objective()
+    args = M.Args(update_epochs=1, num_minibatches=1, sharing=sharing, ent_coef=0.0)
+    M.ippo_update(actor, critic, [torch.optim.SGD(net.parameters(), lr=1e-2) for net in (actor, critic)], b, args)
+    assert (objective() > before).all(), (before, objective())
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.05, 1e6])
@@ -403,6 +420,84 @@ def test_gae_bootstraps_truncated_episodes_from_the_final_observation():
         torch.testing.assert_close(adv[:, 0, e], torch.stack([a0, a1, a2]))
     torch.testing.assert_close(returns[1, 0, :2], torch.tensor([1.0 + g * 10.0, 1.0]))  # r + gamma V(final) / r
     torch.testing.assert_close(returns, adv + values)
+
+
+class RecordedEnvs:
+    """MpeEnvs that keep what every step handed back."""
+
+    def __init__(self, envs):
+        self.envs, self.outs = envs, []
+
+    def step(self, actions):
+        self.outs.append(self.envs.step(actions))
+        return self.outs[-1]
+
+
+def rollout_buffer(T, E, n_agents, obs_dim):
+    """Storage for `rollout`, as the script's loop allocates it (discrete actions)."""
+    ends = {k: torch.zeros(T, 1, E, dtype=torch.bool) for k in ("terminated", "truncated")}
+    return dict(obs=torch.zeros(T, n_agents, E, obs_dim), actions=torch.zeros(T, n_agents, E, dtype=torch.long),
+                **{k: torch.zeros(T, n_agents, E) for k in ("logp", "values", "rewards", "final_values")}, **ends)  # fmt: skip
+
+
+def test_rollout_bootstraps_a_truncated_episode_from_its_final_observation():
+    """Episodes of 3 steps in a 7-step rollout: at each time limit the stored value is V(final observation), not V of
+    the next episode's first observation that the env hands back in its place; values, log-probs and rewards belong to
+    the observation the action was taken in."""
+    T, E = 7, 2
+    envs = RecordedEnvs(M.MpeEnvs(SPREAD, E, opts(max_cycles=3)))
+    torch.manual_seed(0)
+    O = envs.envs.obs_dim  # noqa: E741
+    actor, critic = M.Actor(3, O, envs.envs.avail, HID, "none"), M.AgentNet(3, O, 1, HID, "none")
+    first = envs.envs.reset(seed=1).transpose(0, 1)
+    buf = rollout_buffer(T, E, 3, O)
+    next_obs, ep_returns = M.rollout(actor, critic, envs, first, buf)
+    V = lambda obs: critic(obs.transpose(0, 1))[..., 0].detach()  # [E, N, O] -> [N, E]
+    assert torch.equal(buf["obs"][0], first) and torch.equal(next_obs, envs.outs[-1]["obs"].transpose(0, 1))
+    for t, out in enumerate(envs.outs):
+        assert bool(out["truncated"].all()) == (t in (2, 5)) and torch.equal(buf["truncated"][t, 0], out["truncated"])
+        if t + 1 < T:
+            assert torch.equal(buf["obs"][t + 1], out["obs"].transpose(0, 1))
+        assert torch.equal(buf["values"][t], critic(buf["obs"][t])[..., 0].detach())
+        assert torch.equal(buf["logp"][t], actor.log_prob_entropy(actor.dist(buf["obs"][t]), buf["actions"][t])[0].detach())
+        assert torch.equal(buf["rewards"][t], out["reward"].T)
+        if t in (2, 5):
+            assert torch.equal(buf["final_values"][t], V(out["final_obs"]))
+            assert not torch.isclose(buf["final_values"][t], V(out["obs"])).any(), "not the next episode's first observation"
+    assert torch.equal(torch.cat(ep_returns), torch.cat([envs.outs[t]["ep_return"] for t in (2, 5)]))
+
+
+def test_rollout_batch_runs_gae_on_de_normalised_values_and_normalises_the_returns():
+    """Written out per agent and env: GAE from the de-normalised stored values, V(final observation) at a truncation,
+    V(the observation after the rollout) at the end; advantages standardised per agent; returns normalised by the
+    value normaliser after it took them in."""
+    T, E, g, lam = 4, 2, 0.9, 0.8
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    critic = M.AgentNet(N, OBS, 1, HID, "none", out_gain=1.0)
+    buf = rollout_buffer(T, E, N, OBS)
+    buf.update(obs=torch.randn(T, N, E, OBS, generator=gen), values=torch.randn(T, N, E, generator=gen),
+               rewards=torch.randn(T, N, E, generator=gen), final_values=torch.randn(T, N, E, generator=gen))  # fmt: skip
+    buf["truncated"][1, 0, 0] = buf["terminated"][2, 0, 1] = True
+    value_norm, next_obs = M.ValueNorm(N), torch.randn(N, E, OBS, generator=gen)
+    value_norm.update(3 + 2 * torch.randn(N, 50, generator=gen))
+    ref_norm = copy.deepcopy(value_norm)
+    b = M.rollout_batch(buf, critic, value_norm, next_obs, M.Args(gamma=g, gae_lambda=lam))
+    V, last = ref_norm.denormalize(buf["values"]), ref_norm.denormalize(critic(next_obs)[..., 0].detach())
+    adv = torch.zeros(T, N, E)
+    for t in reversed(range(T)):
+        for e in range(E):
+            trunc, term = bool(buf["truncated"][t, 0, e]), bool(buf["terminated"][t, 0, e])
+            nxt = ref_norm.denormalize(buf["final_values"])[t, :, e] if trunc else V[t + 1, :, e] if t + 1 < T else last[:, e]
+            delta = buf["rewards"][t, :, e] + g * (0.0 if term else 1.0) * nxt - V[t, :, e]
+            adv[t, :, e] = delta + (0.0 if trunc or term or t + 1 == T else g * lam * adv[t + 1, :, e])
+    returns = (adv + V).transpose(0, 1).reshape(N, T * E)
+    adv = adv.transpose(0, 1).reshape(N, T * E)
+    torch.testing.assert_close(b["adv"], (adv - adv.mean(1, keepdim=True)) / adv.std(1, unbiased=False, keepdim=True))
+    ref_norm.update(returns)
+    assert_same_state_dict(value_norm.state_dict(), ref_norm.state_dict(), "value normaliser")
+    torch.testing.assert_close(b["returns_n"], ref_norm.normalize(returns))
+    assert torch.equal(b["obs"][1, 2 * E + 1], buf["obs"][2, 1, 1]), "sample t * E + e of agent i"
 
 
 def test_gae_with_lambda_one_is_the_discounted_return_plus_bootstrap():
