@@ -708,6 +708,8 @@ if __name__ == "__main__":
     rewards = torch.zeros(T, E, device=device)
     num_iterations = args.total_timesteps // (E * T)
     global_step, first_iteration, win_rate = 0, 1, float("nan")
+    actor_steps = {"n": 0}  # actor optimiser steps so far: the x of benchmark/report.py's compute-matched curves
+    opts[0].register_step_post_hook(lambda *_: actor_steps.update(n=actor_steps["n"] + 1))
     nxt = envs.reset(seed=args.seed)
     # the GRU state, and start = 1 where an episode starts
     h, start = torch.zeros(N, E, args.hidden_size, device=device), torch.ones(E, device=device)
@@ -716,6 +718,7 @@ if __name__ == "__main__":
         for key, module in modules.items():
             module.load_state_dict(ckpt[key])
         global_step, first_iteration, win_rate = ckpt["global_step"], ckpt["iteration"] + 1, ckpt["win_rate"]
+        actor_steps["n"] = ckpt.get("actor_steps", 0)
         if ckpt["env_state"] is not None:  # SMAX: continue the very same episodes
             envs.set_state(ckpt["env_state"])
             nxt = {k: v.to(device) for k, v in ckpt["next"].items()}
@@ -772,7 +775,8 @@ if __name__ == "__main__":
                    "losses/value_loss": v_loss, "losses/entropy": entropy, "losses/approx_kl": approx_kl,
                    "losses/clipfrac": clipfrac,
                    "losses/explained_variance": (1 - (y_true - y_pred).var() / var_y).item() if var_y > 0 else float("nan"),
-                   "charts/rollout_time": rollout_time, "charts/update_time": update_time, **diag}  # fmt: skip
+                   "charts/rollout_time": rollout_time, "charts/update_time": update_time,
+                   "charts/gradient_steps": actor_steps["n"], **diag}  # fmt: skip
         if ep_returns:
             rets, wins = torch.cat(ep_returns), torch.cat(ep_wins).float()
             win_rate = wins.mean().item()
@@ -788,7 +792,8 @@ if __name__ == "__main__":
         if args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == num_iterations):
             torch.save({
                 "args": asdict(args), "run_name": run_name, "iteration": iteration, "global_step": global_step,
-                "win_rate": win_rate, "actor": actor.state_dict(), "critic": critic.state_dict(),
+                "win_rate": win_rate, "actor_steps": actor_steps["n"],
+                "actor": actor.state_dict(), "critic": critic.state_dict(),
                 "actor_opt": opts[0].state_dict(), "critic_opt": opts[1].state_dict(), "value_norm": value_norm.state_dict(),
                 "env_state": envs.get_state(), "next": {k: v.clone() for k, v in nxt.items()}, "h": h, "start": start,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},

@@ -40,6 +40,9 @@ SHARING_ORDER = {"full": 0, "partial": 1, "none": 2}
 class Args:
     sweeps: tyro.conf.Positional[List[str]]
     """sweep folders (benchmark/sweep.py --out) or folders holding TensorBoard runs"""
+    previous: List[str] = field(default_factory=list)
+    """results folders of earlier reports (their runs.csv and scalars.csv[.gz]): their runs count too, unless a sweep
+    folder holds the same run again; so a study run in parts on replaced machines keeps its finished runs"""
     out_dir: str = os.path.join("benchmark", "results", "report")
     """where table.md, the curves, scalars.csv and runs.csv go"""
     tag: Optional[str] = None
@@ -141,6 +144,31 @@ def find_runs(folders: List[str]) -> List[RunLog]:
         if r.logdir:
             r.scalars = read_scalars(r.logdir)
     return runs
+
+
+def read_previous(folder: str) -> List[RunLog]:
+    """The runs of an earlier report's runs.csv, with their scalars from scalars.csv (or .csv.gz); files written before
+    scalars.csv had a `seconds` column give no wall-clock seconds (NaN: such runs are left out of the seconds curves)."""
+    import gzip
+
+    runs = {}
+    with open(os.path.join(folder, "runs.csv"), newline="") as f:
+        for row in csv.DictReader(f):
+            duration = float(row["duration_s"]) if row["duration_s"] not in ("", "None") else None
+            status = int(row["status"]) if row["status"] not in ("", "None") else None
+            runs[row["run"]] = RunLog(row["run"], row["algorithm"], row["task"], row["sharing"], int(row["seed"]), status,
+                                      duration, row["command"], row["logdir"] or None)  # fmt: skip
+    path = os.path.join(folder, "scalars.csv")
+    opener = (open, path) if os.path.exists(path) else (gzip.open, path + ".gz")
+    values: Dict[tuple, list] = {}
+    with opener[0](opener[1], "rt", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["run"] in runs:
+                seconds = float(row["seconds"]) if row.get("seconds") not in (None, "") else math.nan
+                values.setdefault((row["run"], row["tag"]), []).append((float(row["step"]), float(row["value"]), seconds))
+    for (run, tag), rows in values.items():
+        runs[run].scalars[tag] = np.array(sorted(rows), dtype=np.float64).reshape(-1, 3)
+    return list(runs.values())
 
 
 def table_metric(runs: List[RunLog], tag: Optional[str], stat: str):
@@ -313,7 +341,7 @@ def x_values(run: RunLog, tag: str, x: str) -> Optional[np.ndarray]:
     if x == "steps":
         return s[:, 0]
     if x == "seconds":
-        return s[:, 2]
+        return None if np.isnan(s[:, 2]).any() else s[:, 2]
     grad = run.scalars.get(GRADIENT_STEPS)
     if grad is None or not len(grad):
         return None
@@ -392,13 +420,14 @@ def write_csvs(runs: List[RunLog], args: Args):
     patterns = [re.compile(p) for p in args.csv_tags]
     with open(os.path.join(args.out_dir, "scalars.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "algorithm", "sharing", "task", "seed", "step", "tag", "value"])
+        w.writerow(["run", "algorithm", "sharing", "task", "seed", "step", "tag", "value", "seconds"])
         for r in runs:
             for tag, s in sorted(r.scalars.items()):
                 if patterns and not any(p.search(tag) for p in patterns):
                     continue
-                for step, value in s[:, :2]:
-                    w.writerow([r.run, r.algorithm, r.sharing, r.task, r.seed, int(step), tag, repr(float(value))])
+                for step, value, seconds in s:
+                    seconds = "" if math.isnan(seconds) else f"{seconds:.1f}"
+                    w.writerow([r.run, r.algorithm, r.sharing, r.task, r.seed, int(step), tag, repr(float(value)), seconds])
     with open(os.path.join(args.out_dir, "runs.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "algorithm", "sharing", "task", "seed", "status", "duration_s", "last_step", "logdir", "command"])
@@ -413,6 +442,12 @@ def main(args: Args, cli: Optional[List[str]] = None):
         print(f"error: --bootstrap-reps must be at least 1, got {args.bootstrap_reps}", file=sys.stderr)
         sys.exit(2)
     runs = find_runs(args.sweeps)
+    found = {r.run for r in runs}
+    for folder in args.previous:
+        if not os.path.exists(os.path.join(folder, "runs.csv")):
+            print(f"error: --previous {folder} has no runs.csv", file=sys.stderr)
+            sys.exit(2)
+        runs += [r for r in read_previous(folder) if r.run not in found]
     if not runs:
         print(f"error: no runs found in {', '.join(args.sweeps)}", file=sys.stderr)
         sys.exit(2)

@@ -19,6 +19,7 @@ Usage:
   ... --dry-run     print the commands, run nothing
   ... --slurm       write OUT/slurm/<name>.sbatch (one array task per unfinished run) instead of running
 """
+import csv
 import datetime
 import hashlib
 import json
@@ -68,6 +69,9 @@ class Args:
     """keep the scripts' progress bars (by default `--no-progress-bar` is added: bars fill the log files)"""
     timeout: float = 0.0
     """hours after which a run is stopped and recorded as failed (0: no limit)"""
+    finished_in: List[str] = field(default_factory=list)
+    """runs.csv files of earlier reports (benchmark/report.py): a run listed there with exit status 0 and the same
+    command (the interpreter and the script's folder aside) is finished, so a study continues on a new machine"""
     force: bool = False
     """run finished runs again too"""
     dry_run: bool = False
@@ -204,8 +208,30 @@ def read_record(run_dir: str) -> Optional[dict]:
         return None
 
 
-def is_finished(run: Run) -> bool:
-    """Exit status 0 with this very command: the interpreter's path may differ (a cluster node, another venv)."""
+def comparable(command: List[str]) -> List[str]:
+    """A command without its interpreter and with the script's base name: the same run from another checkout or venv."""
+    return [os.path.basename(command[1]), *command[2:]] if len(command) > 1 else []
+
+
+def read_finished(paths: List[str]) -> dict:
+    """{run id: comparable command} of the runs a report's runs.csv lists with exit status 0."""
+    done = {}
+    for path in paths:
+        try:
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    if row.get("status") == "0":
+                        done[row["run"]] = comparable(shlex.split(row["command"]))
+        except (OSError, KeyError, ValueError) as e:
+            fail(f"cannot read --finished-in {path}: {e}")
+    return done
+
+
+def is_finished(run: Run, reported: Optional[dict] = None) -> bool:
+    """Exit status 0 with this very command: the interpreter's path may differ (a cluster node, another venv). Or the
+    run is in `reported` (read_finished) with the same command, its script from any folder."""
+    if reported and reported.get(run.id) == comparable(run.command):
+        return True
     record = read_record(run.cwd)
     return record is not None and record.get("status") == 0 and record.get("command", [])[1:] == run.command[1:]
 
@@ -354,7 +380,8 @@ def main(args: Args):
         return run_from_list(args.run_list, args.run_index)
     out = os.path.abspath(args.out)
     runs = build_runs(args, out)
-    todo = [r for r in runs if args.force or not is_finished(r)]
+    reported = read_finished(args.finished_in)
+    todo = [r for r in runs if args.force or not is_finished(r, reported)]
     print(f"sweep {out}: {len(runs)} runs, {len(runs) - len(todo)} finished before, {len(todo)} to run", flush=True)
     if args.dry_run:
         for r in runs:

@@ -196,7 +196,7 @@ def test_report_csv_and_plots(reported):
     out, _ = reported
     with open(out / "scalars.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["run", "algorithm", "sharing", "task", "seed", "step", "tag", "value"]
+    assert list(rows[0]) == ["run", "algorithm", "sharing", "task", "seed", "step", "tag", "value", "seconds"]
     # 2s3z: 11 complete runs and a crashed one (4 steps) with three tags; HalfCheetah: 5 runs with logs, two tags
     assert len(rows) == 3 * 11 * len(EVAL_STEPS) + 3 * 4 + 2 * 5 * len(EVAL_STEPS)
     row = next(r for r in rows if r["run"] == "fp3o__2s3z__full__2" and r["tag"] == "eval/win_rate" and r["step"] == "100000")

@@ -9,9 +9,11 @@
 #   FULL=1 bash benchmark/recipes/smax_3s5z_study.sh        27 runs
 #   bash benchmark/recipes/smax_3s5z_study.sh --workers 1   one run at a time (other flags go to benchmark/sweep.py)
 #
-# Runs finished before are skipped, so the study can be stopped and continued; the report covers the finished runs
-# and marks the missing seeds. Output: benchmark/results/smax_3s5z/ (table.md with IQM, 95% CIs and probability of
-# improvement, curves against steps, seconds and gradient steps, runs.csv, scalars.csv.gz).
+# Runs finished before are skipped (those in the sweep folder and those committed in the results folder's runs.csv), so
+# the study can be stopped and continued, on another machine too; the report covers the finished runs and marks the
+# missing seeds. REPORT_ONLY=1 rewrites the report from the runs finished so far (while others still run).
+# Output: benchmark/results/smax_3s5z/ (table.md with IQM, 95% CIs and probability of improvement, curves against
+# steps, seconds and gradient steps, runs.csv, scalars.csv.gz).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -20,12 +22,18 @@ OUT=${OUT:-benchmark/sweeps/smax_3s5z}
 STEPS=${STEPS:-1500000}
 SHARING=(partial none)
 [ "${FULL:-0}" = 1 ] && SHARING=(partial none full)
+RESULTS=benchmark/results/smax_3s5z
+# the runs committed in $RESULTS count as finished, so the study continues on a new machine without its sweep folder
+EARLIER=()
+[ -f "$RESULTS/runs.csv" ] && EARLIER=(--finished-in "$RESULTS/runs.csv")
 STATUS=0
-$PY benchmark/sweep.py --out "$OUT" --scripts fp3o_smac.py mappo_smac.py happo_smac.py --tasks 3s5z \
-  --sharing "${SHARING[@]}" --seeds 1 2 3 --args="--total-timesteps $STEPS --eval-interval 20" "$@" || STATUS=1
+[ "${REPORT_ONLY:-0}" = 1 ] || $PY benchmark/sweep.py --out "$OUT" --scripts fp3o_smac.py mappo_smac.py happo_smac.py --tasks 3s5z \
+  --sharing "${SHARING[@]}" --seeds 1 2 3 --args="--total-timesteps $STEPS --eval-interval 20" "${EARLIER[@]}" "$@" || STATUS=1
 case " $* " in *" --dry-run "* | *" --slurm "*) exit $STATUS ;; esac
-$PY benchmark/report.py "$OUT" --out-dir benchmark/results/smax_3s5z --at 500000 1000000 \
+[ -f "$RESULTS/runs.csv" ] && EARLIER=(--previous "$RESULTS")
+mkdir -p "$OUT"
+$PY benchmark/report.py "$OUT" "${EARLIER[@]}" --out-dir "$RESULTS" --at 500000 1000000 \
   --plot-tags eval/win_rate eval/episodic_return \
   --title "SMAX 3s5z study: \`bash benchmark/recipes/smax_3s5z_study.sh\` ($STEPS steps per run, evaluation every 64,000 steps, 32 greedy episodes)"
-gzip -9f benchmark/results/smax_3s5z/scalars.csv
+gzip -9f "$RESULTS/scalars.csv"
 exit $STATUS
