@@ -573,3 +573,37 @@ def test_recipe_table1_mamujoco_tasks():
     assert len(full) % (6 * 3 * 5) == 0 and all("--total-timesteps 10000000" in c for c in full)
     for scenario, conf, clip in (("Walker2d", "2x3", "0.05"), ("Hopper", "3x1", "0.05"), ("ManySegmentSwimmer", "8x2", "0.2")):
         assert any(f"--scenario {scenario} --agent-conf {conf} --clip-coef {clip} " in c for c in full)
+
+
+def test_a_study_continues_from_its_committed_results_on_a_new_machine(fake, tmp_path):
+    """Part 1 runs 2 seeds and is reported; its sweep folder is then lost (a replaced machine). Part 2 skips the runs
+    that the committed runs.csv lists as finished with the same command, and its report keeps part 1's runs."""
+    common = ["--scripts", fake, "--tasks", "2s3z", "--sharing", "full", "--out", tmp_path / "sweep1",
+              "--args=--total-timesteps 1000"]  # fmt: skip
+    proc = run_tool("sweep.py", *common, "--seeds", "1", "2", cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    results = tmp_path / "results"
+    report.main(report.Args(sweeps=[str(tmp_path / "sweep1")], out_dir=str(results), bootstrap_reps=50))
+    step_seconds = {(r["run"], r["tag"]): r["seconds"] for r in csv.DictReader(open(results / "scalars.csv"))}
+    assert all(s != "" for s in step_seconds.values())  # the wall-clock seconds travel with the compact results
+
+    moved = tmp_path / "new_checkout" / fake.name  # the same script in another folder
+    moved.parent.mkdir()
+    moved.write_text(fake.read_text())
+    part2 = ["--scripts", moved, *common[2:-3], "--out", tmp_path / "sweep2", "--args=--total-timesteps 1000",
+             "--seeds", "1", "2", "3", "--finished-in", results / "runs.csv"]  # fmt: skip
+    proc = run_tool("sweep.py", *part2, cwd=tmp_path)
+    assert proc.returncode == 0 and "2 finished before, 1 to run" in proc.stdout, describe(proc)
+    assert sorted(records(tmp_path / "sweep2")) == ["fake__2s3z__full__3"]
+    changed = [a if not str(a).startswith("--args") else "--args=--total-timesteps 2000" for a in part2]
+    proc = run_tool("sweep.py", *changed, "--dry-run", cwd=tmp_path)  # another budget: nothing counts as finished
+    assert "0 finished before, 3 to run" in proc.stdout, describe(proc)
+
+    merged = tmp_path / "merged"
+    report.main(report.Args(sweeps=[str(tmp_path / "sweep2")], previous=[str(results)], out_dir=str(merged),
+                            bootstrap_reps=50))  # fmt: skip
+    rows = list(csv.DictReader(open(merged / "runs.csv")))
+    assert sorted(r["run"] for r in rows) == [f"fake__2s3z__full__{s}" for s in (1, 2, 3)]
+    first = [r for r in csv.DictReader(open(results / "scalars.csv")) if r["run"] == "fake__2s3z__full__1"]
+    again = [r for r in csv.DictReader(open(merged / "scalars.csv")) if r["run"] == "fake__2s3z__full__1"]
+    assert first == again and first  # part 1's scalars, seconds included, unchanged

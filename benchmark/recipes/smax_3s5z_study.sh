@@ -34,6 +34,7 @@ case " $* " in *" --dry-run "* | *" --slurm "*) exit $STATUS ;; esac
 mkdir -p "$OUT"
 $PY benchmark/report.py "$OUT" "${EARLIER[@]}" --out-dir "$RESULTS" --at 500000 1000000 \
   --plot-tags eval/win_rate eval/episodic_return \
+  --csv-tags '^eval/' '^charts/(episodic_return|win_rate|gradient_steps|SPS)$' '^losses/(entropy|approx_kl)$' \
   --title "SMAX 3s5z study: \`bash benchmark/recipes/smax_3s5z_study.sh\` ($STEPS steps per run, evaluation every 64,000 steps, 32 greedy episodes)"
 gzip -9f "$RESULTS/scalars.csv"
 exit $STATUS
