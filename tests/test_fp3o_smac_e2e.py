@@ -206,6 +206,11 @@ def test_resume_equals_an_uninterrupted_run(runs):
     assert len(run_dirs(resume_cwd)) == 1
     steps = sorted({s for s, _ in read_scalars(run_dir(resume_cwd))["charts/SPS"]})
     assert steps == [ITER_STEPS, 2 * ITER_STEPS]
+    # the actor optimiser's step count goes on where it stopped: 5 epochs x 1 minibatch per step that ran
+    grad_steps = read_scalars(run_dir(resume_cwd))["charts/gradient_steps"]
+    assert grad_steps == read_scalars(run_dir(full_cwd))["charts/gradient_steps"]
+    assert grad_steps[0][1] in (5, 10) and grad_steps[1][1] - grad_steps[0][1] in (5, 10)
+    assert res["actor_steps"] == grad_steps[1][1]
 
 
 def test_same_seed_gives_identical_checkpoints(runs):
