@@ -54,6 +54,10 @@ class Args:
     """iterations between evaluations (0 disables evaluation)"""
     eval_episodes: int = 32
     """deterministic episodes per evaluation (the paper uses 32)"""
+    capture_video: bool = False
+    """record evaluation episodes as videos in `runs/{run_name}/videos/`, TensorBoard and (with --track) wandb"""
+    video_episodes: int = 1
+    """episodes recorded per evaluation with `--capture-video` (the first of its deterministic episodes)"""
     progress_bar: bool = True
     """show a progress bar with steps, SPS and the latest win rate"""
     torch_threads: int = 0
@@ -112,7 +116,8 @@ PAPER_MAP_SETTINGS = {
     "10m_vs_11m": (0.2, "rnn", (8_000_000, None, None)),
     "3s5z_vs_3s6z": (0.05, "rnn", (12_000_000, None, None)),
 }
-RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar")  # what a resumed run may change
+# what a resumed run may change
+RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar", "capture_video", "video_episodes")
 
 
 def flags_given(argv) -> set:
@@ -139,7 +144,7 @@ def fail(message: str):
 
 def check_args(args: Args):
     """Settings that cannot train: one `error:` line (exit status 2) before anything starts."""
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "eval_episodes",
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "eval_episodes", "video_episodes",
                  "checkpoint_interval", "learning_rate", "critic_learning_rate", "clip_coef", "max_grad_norm"):
         if not getattr(args, name) > 0:  # NaN too
             fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
@@ -149,6 +154,10 @@ def check_args(args: Args):
         fail(f"--num-envs ({args.num_envs}) must be divisible by --num-minibatches ({args.num_minibatches})")
     if args.total_timesteps < args.num_envs * args.num_steps:
         fail(f"--total-timesteps ({args.total_timesteps}) is less than one iteration, --num-envs x --num-steps")
+    if args.video_episodes > args.eval_episodes:
+        fail(f"--video-episodes ({args.video_episodes}) must not exceed --eval-episodes ({args.eval_episodes})")
+    if args.capture_video and not (importable("imageio_ffmpeg") and importable("moviepy")):
+        fail("--capture-video needs imageio-ffmpeg and moviepy to write videos: pip install -r requirements.txt")
 
 
 def load_checkpoint(path: str) -> dict:
@@ -228,7 +237,7 @@ class SmaxEnvs:
     def __init__(self, map_name: str, num_envs: int, device: torch.device):
         jax, smax = import_smax()
         jnp, self.jax, self.device, self.num_envs = jax.numpy, jax, device, num_envs
-        env = smax.HeuristicEnemySMAX(scenario=smax.map_name_to_scenario(map_name))
+        self.env = env = smax.HeuristicEnemySMAX(scenario=smax.map_name_to_scenario(map_name))
         self.n_agents, self.n_actions, self.idle_action = env.num_agents, env.num_ally_actions, 4
         self.obs_dim, self.state_dim, names = env.obs_size, env.state_size + env.obs_size, env.agents
         # a carry without weak types: reset, step and a resumed carry all match the step's one compilation
@@ -277,6 +286,30 @@ class SmaxEnvs:
         res["done"] = res["first"] = res["terminated"]
         return res
 
+    def render(self, i: int) -> np.ndarray:
+        """Env i as an RGB frame [H, W, 3]: allies blue, enemies red, a disc per living unit (its type's size and letter,
+        faded as it loses health), a line from each unit that attacked in the last step to its target."""
+        import matplotlib.pyplot as plt
+
+        env, s = self.env, self.jax.tree.map(lambda x: np.asarray(x[i]), self.carry[1].state)
+        alive = s.unit_positions[s.unit_alive.astype(bool)]
+        centre, half = (alive.min(0) + alive.max(0)) / 2, max(np.ptp(alive, 0).max() / 2 + 2, 8)  # the view follows the fight
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+        ax.set(xlim=centre[0] + (-half, half), ylim=centre[1] + (-half, half), xticks=[], yticks=[], title=f"step {s.step}")
+        health = s.unit_health / np.asarray(env.unit_type_health)[s.unit_types]
+        for u in np.flatnonzero(s.unit_alive):
+            ally, (x, y), kind = u < env.num_allies, s.unit_positions[u], s.unit_types[u]
+            color, alpha = "C0" if ally else "C3", 0.3 + 0.7 * health[u]
+            ax.add_patch(plt.Circle((x, y), env.unit_type_radiuses[kind], color=color, alpha=alpha))
+            ax.text(x, y, env.unit_type_shorthands[kind], ha="center", va="center", fontsize=7)
+            a = int(s.prev_attack_actions[u]) - env.num_movement_actions  # the target, counted from the other team's side
+            if a >= 0:
+                ax.plot(*zip((x, y), s.unit_positions[env.num_allies + a if ally else env.num_allies - 1 - a]), "k", lw=0.6)
+        fig.canvas.draw()
+        frame = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        plt.close(fig)
+        return frame
+
     def get_state(self):  # for exact resume
         return self.jax.device_get(self.carry)
 
@@ -287,12 +320,12 @@ class SmaxEnvs:
         pass
 
 
-def make_sc2_env(backend: str, map_name: str, seed: int):
-    """One StarCraft II game: SMAC's StarCraft2Env, or smacv2's capability wrapper."""
+def make_sc2_env(backend: str, map_name: str, seed: int, replay_dir: str = ""):
+    """One StarCraft II game: SMAC's StarCraft2Env, or smacv2's capability wrapper; save_replay() writes to replay_dir."""
     if backend == "smac":
         from smac.env import StarCraft2Env
 
-        return StarCraft2Env(map_name=map_name, seed=seed)
+        return StarCraft2Env(map_name=map_name, seed=seed, replay_dir=replay_dir)
     from smacv2.env.starcraft2.wrapper import StarCraftCapabilityEnvWrapper
 
     race, sizes = map_name.split("_", 1)
@@ -303,18 +336,22 @@ def make_sc2_env(backend: str, map_name: str, seed: int):
     start = dict(dist_type="surrounded_and_reflect", p=0.5, n_enemies=n_enemies, map_x=32, map_y=32)
     return StarCraftCapabilityEnvWrapper(
         capability_config=dict(n_units=n_units, n_enemies=n_enemies, team_gen=team_gen, start_positions=start),
-        map_name=f"10gen_{race}", seed=seed, obs_own_pos=True, conic_fov=False, use_unit_ranges=True, min_attack_range=2,
+        map_name=f"10gen_{race}", seed=seed, replay_dir=replay_dir, obs_own_pos=True, conic_fov=False, use_unit_ranges=True,
+        min_attack_range=2,
     )  # fmt: skip
 
 
 def _sc2_worker(remote, env_fn):
-    """Runs one game in its own process; answers 'reset' and 'step' with the ENV_KEYS values."""
+    """Runs one game in its own process; answers 'reset' and 'step' with the ENV_KEYS values, 'save_replay' with None."""
     env, ep_return, ep_length = env_fn(), 0.0, 0
     while True:
         cmd, data = remote.recv()
         if cmd == "close":
             env.close()
             return remote.close()
+        if cmd == "save_replay":  # SMAC's save_replay(): a replay of the game's episodes so far, into its replay_dir
+            remote.send(env.save_replay())
+            continue
         info, reward, done = {}, 0.0, False
         if cmd == "step":
             reward, done, info = env.step(data)
@@ -388,6 +425,11 @@ class SC2Envs:
                 crashed[i] = True
         return self._gather(results, crashed)
 
+    def save_replay(self, games: int):
+        """StarCraft II replays of the first `games` games (make_sc2_env's replay_dir)."""
+        for i in range(games):
+            self._call(i, "save_replay")
+
     def get_state(self):
         return None  # a running game cannot be saved: a resumed run starts fresh episodes
 
@@ -398,7 +440,7 @@ class SC2Envs:
             proc.join(timeout=5)
 
 
-def make_envs(backend: str, map_name: str, num_envs: int, seed: int, device: torch.device):
+def make_envs(backend: str, map_name: str, num_envs: int, seed: int, device: torch.device, replay_dir: str = ""):
     if backend == "smax":
         maps = sorted(import_smax()[1].smax_env.MAP_NAME_TO_SCENARIO)
         if map_name not in maps:
@@ -417,7 +459,7 @@ def make_envs(backend: str, map_name: str, num_envs: int, seed: int, device: tor
         maps = sorted(smac_maps.get_smac_map_registry())
         if map_name not in maps:
             fail(f"SMAC has no map '{map_name}'. SMAC maps: {', '.join(maps)}")
-    return SC2Envs(lambda i: make_sc2_env(backend, map_name, seed + max(i, 0)), num_envs, device)
+    return SC2Envs(lambda i: make_sc2_env(backend, map_name, seed + max(i, 0), replay_dir), num_envs, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,14 +662,17 @@ def rollout_logp(actor, b):
 
 
 @torch.no_grad()
-def evaluate(actor, envs, episodes, device):
-    """`episodes` deterministic (greedy) episodes on their own environments, one per env."""
-    nxt = envs.reset(seed=12345)
+def evaluate(actor, envs, episodes, device, videos=0):
+    """`episodes` deterministic (greedy) episodes on their own environments, one per env. Returns the mean return, the
+    win rate and the frames of the first `videos` episodes (SMAX's render), one per state the agents act in."""
+    nxt, frames = envs.reset(seed=12345), [[] for _ in range(videos)]
     h = torch.zeros(actor.n_agents, envs.num_envs, actor.hidden, device=device)
     finished = torch.zeros(envs.num_envs, dtype=torch.bool, device=device)
     returns, wins = torch.zeros(envs.num_envs, device=device), torch.zeros(envs.num_envs, device=device)
     starts = torch.zeros(1, envs.num_envs, device=device)
     while not finished.all():
+        for k, video in enumerate(frames):
+            video += [] if finished[k] else [envs.render(k)]
         logits, h = actor(nxt["obs"].transpose(0, 1)[None], h, starts)
         action = masked_logits(logits[0], nxt["avail"].transpose(0, 1)).argmax(-1)
         nxt = envs.step(action.T)
@@ -635,7 +680,22 @@ def evaluate(actor, envs, episodes, device):
         returns[new], wins[new] = nxt["ep_return"][new].float(), nxt["ep_won"][new].float()
         finished |= nxt["done"]
         starts = nxt["first"].float()[None]
-    return returns[:episodes].mean().item(), wins[:episodes].mean().item()
+    return returns[:episodes].mean().item(), wins[:episodes].mean().item(), frames
+
+
+def record(envs, frames, games, run_name, step, writer):
+    """--capture-video: each SMAX episode's frames as runs/{run_name}/videos/{step}_{k}.mp4 (imageio's ffmpeg) and a
+    TensorBoard video `videos/episode_{k}` (with --track, wandb's TensorBoard sync logs it as a wandb.Video); the real game
+    saves StarCraft II replays of its first `games` games instead, into runs/{run_name}/replays/ (make_envs' replay_dir)."""
+    if not frames:
+        return envs.save_replay(games)
+    import imageio.v2 as imageio
+
+    os.environ.update({k: os.environ.get(k, "dummy") for k in ("SDL_AUDIODRIVER", "SDL_VIDEODRIVER")})  # add_video's moviepy
+    os.makedirs(f"runs/{run_name}/videos", exist_ok=True)  # imports pygame, which would greet the sound card otherwise
+    for k, video in enumerate(frames):
+        imageio.mimwrite(f"runs/{run_name}/videos/{step}_{k}.mp4", video, fps=8, macro_block_size=1)
+        writer.add_video(f"videos/episode_{k}", torch.from_numpy(np.stack(video)).permute(0, 3, 1, 2)[None], step, fps=8)
 
 
 if __name__ == "__main__":
@@ -650,7 +710,7 @@ if __name__ == "__main__":
         extra = ", ".join("--" + name.replace("_", "-") for name in sorted(given - set(RESUME_FLAGS)))
         if extra:
             fail(f"--resume continues the saved run with its own settings: drop {extra} (with --resume only --eval-only, "
-                 "--total-timesteps, --track and --[no-]progress-bar apply)")
+                 "--total-timesteps, --track, --[no-]progress-bar, --capture-video and --video-episodes apply)")
         ckpt = load_checkpoint(args.resume)
         cli = {k: getattr(args, k) for k in RESUME_FLAGS if k in given or k == "resume"}
         args = Args(**{**ckpt["args"], **cli, "save_model": True})
@@ -668,7 +728,11 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     envs = make_envs(backend, args.map, args.num_envs, args.seed, device)
-    eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed + 10_000, device) if args.eval_interval else None
+    videos = args.video_episodes if args.capture_video and backend == "smax" else 0  # episodes drawn per evaluation
+    replays = os.path.abspath(f"runs/{run_name}/replays")  # where --capture-video saves the real game's replays
+    eval_envs = None
+    if args.eval_interval:
+        eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed + 10_000, device, replays)
     N, E, T, A = envs.n_agents, args.num_envs, args.num_steps, envs.n_actions
     print(f"{run_name}: backend {backend}, {N} agents, {A} actions, sharing {args.sharing}, device {device}")
     actor = AgentNet(N, envs.obs_dim, A, args.hidden_size, args.sharing, recurrent=args.actor == "rnn").to(device)
@@ -680,8 +744,10 @@ if __name__ == "__main__":
     value_norm = ValueNorm().to(device)
     if ckpt and args.eval_only:
         actor.load_state_dict(ckpt["actor"])
-        eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed, device)
-        ret, win = evaluate(actor, eval_envs, args.eval_episodes, device)
+        eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed, device, replays)
+        ret, win, frames = evaluate(actor, eval_envs, args.eval_episodes, device, videos)
+        if args.capture_video:
+            record(eval_envs, frames, args.video_episodes, run_name, ckpt["global_step"], SummaryWriter(f"runs/{run_name}"))
         print(f"eval: win_rate {win:.3f}, episodic_return {ret:.3f} over {args.eval_episodes} episodes")
         sys.exit(0)
     packages = ("torch", "jax", "jaxmarl", "smac", "smacv2", "numpy", "tyro")
@@ -782,7 +848,9 @@ if __name__ == "__main__":
             win_rate = wins.mean().item()
             scalars.update({"charts/episodic_return": rets.mean().item(), "charts/win_rate": win_rate})
         if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == num_iterations):
-            eval_return, eval_win = evaluate(actor, eval_envs, args.eval_episodes, device)
+            eval_return, eval_win, frames = evaluate(actor, eval_envs, args.eval_episodes, device, videos)
+            if args.capture_video:
+                record(eval_envs, frames, args.video_episodes, run_name, global_step, writer)
             scalars.update({"eval/episodic_return": eval_return, "eval/win_rate": eval_win})
         for k, v in scalars.items():
             writer.add_scalar(k, v, global_step)
