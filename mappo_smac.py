@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Literal, Optional
@@ -693,6 +694,7 @@ def record(envs, frames, games, run_name, step, writer):
 
     os.environ.update({k: os.environ.get(k, "dummy") for k in ("SDL_AUDIODRIVER", "SDL_VIDEODRIVER")})  # add_video's moviepy
     os.makedirs(f"runs/{run_name}/videos", exist_ok=True)  # imports pygame, which would greet the sound card otherwise
+    warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)  # jax's warning when ffmpeg starts: it execs at once
     for k, video in enumerate(frames):
         imageio.mimwrite(f"runs/{run_name}/videos/{step}_{k}.mp4", video, fps=8, macro_block_size=1)
         writer.add_video(f"videos/episode_{k}", torch.from_numpy(np.stack(video)).permute(0, 3, 1, 2)[None], step, fps=8)

@@ -88,7 +88,7 @@ def test_capture_video_writes_mp4s_and_tensorboard_videos_and_eval_only_renders_
     events.Reload()
     assert {"videos/episode_0", "videos/episode_1"} <= set(events.Tags()["images"])
     assert [e.step for e in events.Images("videos/episode_0")] == [200, 400]
-    assert "ALSA" not in proc.stderr, "moviepy's pygame import stays quiet"
+    assert "ALSA" not in proc.stderr and "os.fork" not in proc.stderr, "the encoders start quietly"
     for path in glob.glob(f"{run}/videos/*"):
         os.remove(path)
     proc = run_script(script, "--resume", f"{run}/checkpoint.pt", "--eval-only", "--capture-video", "--video-episodes", "1",
