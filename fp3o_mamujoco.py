@@ -15,6 +15,7 @@ import io
 import math
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +61,10 @@ class Args:
     """iterations between evaluations (0 disables evaluation)"""
     eval_episodes: int = 32
     """deterministic episodes (mean action) per evaluation (the paper uses 32)"""
+    capture_video: bool = False
+    """record evaluation episodes as videos in `runs/{run_name}/videos/`, TensorBoard and (with --track) wandb"""
+    video_episodes: int = 1
+    """episodes recorded per evaluation with `--capture-video` (the first of its deterministic episodes)"""
     progress_bar: bool = True
     """show a progress bar with steps, SPS and the latest return"""
     torch_threads: int = 0
@@ -138,7 +143,8 @@ def fail(message: str):
 
 
 # what a resumed run may change
-RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar", "torch_threads", "async_envs")
+RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar", "torch_threads", "async_envs",
+                "capture_video", "video_episodes")
 
 
 def flags_given(argv) -> set:
@@ -149,7 +155,7 @@ def flags_given(argv) -> set:
 
 def check_args(args: Args):
     """Settings that cannot train: one `error:` line (exit status 2) before anything starts."""
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "eval_episodes",
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "eval_episodes", "video_episodes",
                  "checkpoint_interval", "learning_rate", "critic_learning_rate", "clip_coef", "max_grad_norm"):
         if not getattr(args, name) > 0:  # NaN too
             fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
@@ -160,6 +166,24 @@ def check_args(args: Args):
              f"({args.num_minibatches})")
     if args.total_timesteps < args.num_envs * args.num_steps:
         fail(f"--total-timesteps ({args.total_timesteps}) is less than one iteration, --num-envs x --num-steps")
+    if args.video_episodes > args.eval_episodes:
+        fail(f"--video-episodes ({args.video_episodes}) must not exceed --eval-episodes ({args.eval_episodes})")
+    if args.capture_video:
+        try:
+            import imageio_ffmpeg, moviepy  # noqa: F401, E401  (the encoders of record())
+        except ImportError:
+            fail("--capture-video needs imageio-ffmpeg and moviepy to write videos: pip install -r requirements.txt")
+        os.environ["MUJOCO_GL"] = offscreen_gl()
+
+
+def offscreen_gl() -> str:
+    """MuJoCo's offscreen OpenGL backend for --capture-video: MUJOCO_GL if set, else EGL (GPU or Mesa), else OSMesa,
+    whichever opens a context here (tried in a subprocess: a backend that failed cannot be swapped out in this one)."""
+    for gl in [os.environ["MUJOCO_GL"]] if os.environ.get("MUJOCO_GL") else ["egl", "osmesa"]:
+        probe = [sys.executable, "-c", "import mujoco; mujoco.Renderer(mujoco.MjModel.from_xml_string('<mujoco/>'), 8, 8)"]
+        if subprocess.run(probe, env={**os.environ, "MUJOCO_GL": gl}, capture_output=True).returncode == 0:
+            return gl
+    fail("--capture-video needs MuJoCo's offscreen rendering: EGL (Debian/Ubuntu: apt install libegl1) or OSMesa (libosmesa6)")
 
 
 def load_checkpoint(path: str) -> dict:
@@ -235,11 +259,12 @@ class MaMuJoCoAgents(gymnasium.Env):
     bounds here, on the way to the simulator. Observation: one flat vector, the agents' observations
     zero-padded to the widest agent [N * O], then env.state() [S]."""
 
-    def __init__(self, scenario: str, agent_conf: str, agent_obsk: int, max_episode_steps: Optional[int] = None):
+    def __init__(self, scenario: str, agent_conf: str, agent_obsk: int, max_episode_steps: Optional[int] = None, render=False):
         lock = os.path.join(tempfile.gettempdir(), "fp3o_mamujoco.lock")
         with open(lock, "w") as f, quiet_stderr():  # ManySegment* tasks write and delete a shared asset file while building
             fcntl.flock(f, fcntl.LOCK_EX)
-            self.env = import_mamujoco().parallel_env(scenario, agent_conf, agent_obsk=agent_obsk)
+            drawn = dict(render_mode="rgb_array", width=240, height=240) if render else {}  # offscreen, for --capture-video
+            self.env = import_mamujoco().parallel_env(scenario, agent_conf, agent_obsk=agent_obsk, **drawn)
         # gymnasium-robotics orders each agent's observed joints by label only; Pusher and ManySegmentAnt repeat labels,
         # so their observation layout would differ between env instances: break the ties by the joints' indices
         key = lambda n: (n.label, repr(n.qpos_ids), repr(n.qvel_ids), repr(n.act_ids), repr(n.bodies))
@@ -256,8 +281,8 @@ class MaMuJoCoAgents(gymnasium.Env):
         for i, a in enumerate(self.names):
             space = self.env.action_space(a)
             self.low[i, : self.act_dims[i]], self.high[i, : self.act_dims[i]] = space.low, space.high
-        self.layout = dict(obs_dims=self.obs_dims, act_dims=self.act_dims, state_dim=self.state_dim,
-                           low=self.low, high=self.high)
+        self.layout = dict(obs_dims=self.obs_dims, act_dims=self.act_dims, state_dim=self.state_dim, low=self.low,
+                           high=self.high, fps=round(1 / self.env.single_agent_env.unwrapped.dt))  # videos in real time
         self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (N * self.obs_dim + self.state_dim,), np.float32)
         self.action_space = gymnasium.spaces.Box(-np.inf, np.inf, (N, A), np.float32)
 
@@ -297,15 +322,15 @@ class MaMuJoCoEnvs:
     """num_envs copies of a task through gymnasium's vector API (in-process SyncVectorEnv, or AsyncVectorEnv with
     one subprocess per env), same-step autoreset; episode returns and lengths are counted here."""
 
-    def __init__(self, scenario, agent_conf, agent_obsk, num_envs, asynchronous, device, max_episode_steps=None):
-        fns = [lambda: MaMuJoCoAgents(scenario, agent_conf, agent_obsk, max_episode_steps)] * num_envs
+    def __init__(self, scenario, agent_conf, agent_obsk, num_envs, asynchronous, device, max_episode_steps=None, render=False):
+        fns = [lambda: MaMuJoCoAgents(scenario, agent_conf, agent_obsk, max_episode_steps, render)] * num_envs
         vec = gymnasium.vector.AsyncVectorEnv if asynchronous else gymnasium.vector.SyncVectorEnv
         try:
             self.envs = vec(fns, autoreset_mode=gymnasium.vector.AutoresetMode.SAME_STEP)
         except Exception as e:
             fail(f"gymnasium-robotics could not build {scenario} {agent_conf} (agent_obsk {agent_obsk}): {e!r}")
         layout = self.envs.get_attr("layout")[0]
-        self.obs_dims, self.act_dims, self.state_dim = layout["obs_dims"], layout["act_dims"], layout["state_dim"]
+        self.obs_dims, self.act_dims, self.state_dim, self.fps = map(layout.get, ("obs_dims", "act_dims", "state_dim", "fps"))
         self.n_agents, self.obs_dim, self.act_dim = len(self.obs_dims), max(self.obs_dims), max(self.act_dims)
         self.num_envs, self.device = num_envs, device
         real = torch.arange(self.act_dim) < torch.tensor(self.act_dims)[:, None]
@@ -338,6 +363,9 @@ class MaMuJoCoEnvs:
         self.ep_return[done], self.ep_length[done] = 0, 0
         return out
 
+    def render(self, i: int) -> np.ndarray:  # env i's frame [H, W, 3] (envs made with render=True, in this process)
+        return self.envs.envs[i].env.render()
+
     def get_state(self):  # for exact resume
         return dict(sim=self.envs.get_attr("sim_state"), ep_return=self.ep_return.copy(), ep_length=self.ep_length.copy())
 
@@ -349,10 +377,10 @@ class MaMuJoCoEnvs:
         self.envs.close()
 
 
-def make_envs(args, num_envs, asynchronous, device):
+def make_envs(args, num_envs, device, asynchronous=False, render=False):
     check_task(args.scenario, args.agent_conf, args.agent_obsk)
     return MaMuJoCoEnvs(args.scenario, args.agent_conf, args.agent_obsk, num_envs, asynchronous, device,
-                        args.max_episode_steps)
+                        args.max_episode_steps, render)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,14 +503,10 @@ class RunningNorm(nn.Module):
         self.register_buffer("shift", torch.zeros(shape), persistent=False)  # float32 copies used by forward,
         self.register_buffer("scale", torch.ones(shape), persistent=False)  # refreshed by update and loading
         self._refresh()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._refresh())  # checkpoints too
 
     def _refresh(self):
         self.shift, self.scale = self.mean.float(), (self.var + self.eps).sqrt().float()
-
-    def load_state_dict(self, *args, **kwargs):
-        result = super().load_state_dict(*args, **kwargs)
-        self._refresh()
-        return result
 
     def update(self, x, dims):
         """Merge the statistics of x, reduced over `dims`, into the running ones."""
@@ -690,18 +714,33 @@ def fp3o_update(actor, critic, opts, b, args):
 
 
 @torch.no_grad()
-def evaluate(actor, envs, obs_norm, episodes):
-    """`episodes` deterministic episodes (mean action) on their own environments, one per env."""
-    nxt = envs.reset(seed=12345)
+def evaluate(actor, envs, obs_norm, episodes, videos=0):
+    """`episodes` deterministic episodes (mean action) on their own environments, one per env. Returns the mean return
+    and the frames of the first `videos` episodes (envs.render), one per state the agents act in."""
+    nxt, frames = envs.reset(seed=12345), [[] for _ in range(videos)]
     finished = torch.zeros(envs.num_envs, dtype=torch.bool, device=nxt["obs"].device)
     returns = torch.zeros(envs.num_envs, device=nxt["obs"].device)
     while not finished.all():
+        for k, video in enumerate(frames):
+            video += [] if finished[k] else [envs.render(k)]
         mean, _ = actor(obs_norm(nxt["obs"].transpose(0, 1)))
         nxt = envs.step(mean.transpose(0, 1))
         new = nxt["done"] & ~finished
         returns[new] = nxt["ep_return"][new].float()
         finished |= nxt["done"]
-    return returns[:episodes].mean().item()
+    return returns[:episodes].mean().item(), frames
+
+
+def record(frames, run_name, step, writer, fps):
+    """--capture-video: each episode's frames as runs/{run_name}/videos/{step}_{k}.mp4 (imageio's ffmpeg) and a TensorBoard
+    video `videos/episode_{k}` (with --track, wandb's TensorBoard sync logs it as a wandb.Video)."""
+    import imageio.v2 as imageio
+
+    os.environ.update({k: os.environ.get(k, "dummy") for k in ("SDL_AUDIODRIVER", "SDL_VIDEODRIVER")})  # add_video's moviepy
+    for k, video in enumerate(frames):  # imports pygame, which would greet the sound card otherwise
+        os.makedirs(f"runs/{run_name}/videos", exist_ok=True)
+        imageio.mimwrite(f"runs/{run_name}/videos/{step}_{k}.mp4", video, fps=fps, macro_block_size=1)
+        writer.add_video(f"videos/episode_{k}", torch.from_numpy(np.stack(video)).permute(0, 3, 1, 2)[None], step, fps=fps)
 
 
 def adam(params, lr):
@@ -723,8 +762,8 @@ if __name__ == "__main__":
     if args.resume:
         extra = ", ".join("--" + name.replace("_", "-") for name in sorted(given - set(RESUME_FLAGS)))
         if extra:
-            fail(f"--resume continues the saved run with its own settings: drop {extra} (with --resume only --eval-only, "
-                 "--total-timesteps, --track, --[no-]progress-bar, --torch-threads and --[no-]async-envs apply)")
+            fail(f"--resume continues the saved run with its own settings: drop {extra} (with --resume only "
+                 f"{', '.join('--' + name.replace('_', '-') for name in RESUME_FLAGS[1:])} apply)")
         ckpt = load_checkpoint(args.resume)
         cli = {k: getattr(args, k) for k in RESUME_FLAGS if k in given or k == "resume"}
         args = Args(**{**ckpt["args"], **cli, "save_model": True})
@@ -740,10 +779,9 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(args.torch_threads or torch.get_num_threads())
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    envs = make_envs(args, E, args.async_envs, device)
+    envs = make_envs(args, E, device, args.async_envs)
     N, O, A, S = envs.n_agents, envs.obs_dim, envs.act_dim, envs.state_dim  # noqa: E741
     print(f"{run_name}: {N} agents, obs dims {envs.obs_dims}, action dims {envs.act_dims}, state {S}, "
           f"sharing {args.sharing}, clip {args.clip_coef}, device {device}")  # fmt: skip
@@ -754,12 +792,17 @@ if __name__ == "__main__":
     value_norm = ValueNorm().to(device)
     obs_norm = RunningNorm((N, 1, O), args.normalize_obs).to(device)
     state_norm = RunningNorm((S,), args.normalize_obs).to(device)
+    saved = dict(actor=actor, critic=critic, actor_opt=opts[0], critic_opt=opts[1], value_norm=value_norm,
+                 obs_norm=obs_norm, state_norm=state_norm)  # the modules a checkpoint holds
+    videos = args.video_episodes if args.capture_video else 0  # episodes drawn per evaluation
+    eval_envs = make_envs(args, args.eval_episodes, device, render=videos) if args.eval_interval or args.eval_only else None
     if ckpt and args.eval_only:
         actor.load_state_dict(ckpt["actor"]), obs_norm.load_state_dict(ckpt["obs_norm"])
-        ret = evaluate(actor, make_envs(args, args.eval_episodes, False, device), obs_norm, args.eval_episodes)
+        ret, frames = evaluate(actor, eval_envs, obs_norm, args.eval_episodes, videos)
+        if args.capture_video:
+            record(frames, run_name, ckpt["global_step"], SummaryWriter(f"runs/{run_name}"), envs.fps)
         print(f"eval: episodic_return {ret:.3f} over {args.eval_episodes} episodes")
         sys.exit(0)
-    eval_envs = make_envs(args, args.eval_episodes, False, device) if args.eval_interval else None
     packages = ("torch", "gymnasium", "gymnasium-robotics", "mujoco", "numpy", "tyro")
     versions = {name: metadata.version(name) for name in packages}
     config = {**asdict(args), "env_id": env_id, "versions": versions}
@@ -781,8 +824,7 @@ if __name__ == "__main__":
     global_step, first_iteration, last_return = 0, 1, float("nan")
     nxt = envs.reset(seed=args.seed)
     if ckpt:
-        for module, key in ((actor, "actor"), (critic, "critic"), (opts[0], "actor_opt"), (opts[1], "critic_opt"),
-                            (value_norm, "value_norm"), (obs_norm, "obs_norm"), (state_norm, "state_norm")):  # fmt: skip
+        for key, module in saved.items():
             module.load_state_dict(ckpt[key])
         global_step, first_iteration, last_return = ckpt["global_step"], ckpt["iteration"] + 1, ckpt["last_return"]
         envs.set_state(ckpt["env_state"])  # continue the very same episodes
@@ -835,7 +877,8 @@ if __name__ == "__main__":
             scalars["charts/episodic_return"] = last_return
             scalars["charts/episodic_length"] = torch.cat(ep_lengths).float().mean().item()
         if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == num_iterations):
-            scalars["eval/episodic_return"] = evaluate(actor, eval_envs, obs_norm, args.eval_episodes)
+            scalars["eval/episodic_return"], frames = evaluate(actor, eval_envs, obs_norm, args.eval_episodes, videos)
+            record(frames, run_name, global_step, writer, envs.fps)  # with --capture-video
         for k, v in scalars.items():
             writer.add_scalar(k, v, global_step)
         progress.update(E * T)
@@ -843,19 +886,15 @@ if __name__ == "__main__":
         if args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == num_iterations):
             torch.save({
                 "args": asdict(args), "run_name": run_name, "iteration": iteration, "global_step": global_step,
-                "last_return": last_return, "actor": actor.state_dict(), "critic": critic.state_dict(),
-                "actor_opt": opts[0].state_dict(), "critic_opt": opts[1].state_dict(), "value_norm": value_norm.state_dict(),
-                "obs_norm": obs_norm.state_dict(), "state_norm": state_norm.state_dict(), "env_state": envs.get_state(),
+                "last_return": last_return, **{k: m.state_dict() for k, m in saved.items()}, "env_state": envs.get_state(),
                 "next": {k: v.clone() for k, v in nxt.items() if torch.is_tensor(v)},
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
             }, ckpt_path + ".tmp")  # fmt: skip
             os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash while saving keeps the last checkpoint
 
-    progress.close()
-    envs.close()
-    if eval_envs is not None:
-        eval_envs.close()
-    writer.close()
+    for closable in (progress, envs, eval_envs, writer):
+        if closable is not None:
+            closable.close()
     if args.track:
         wandb.finish()

@@ -153,7 +153,7 @@ def raw_mamujoco(module, flags, num_envs, steps):
     if wrapper is not None and list(inspect.signature(wrapper).parameters)[:3] == ["args", "num_envs", "asynchronous"]:
         import torch
 
-        envs = module.make_envs(module.Args(scenario=scenario, agent_conf=agent_conf), num_envs, False, torch.device("cpu"))
+        envs = module.make_envs(module.Args(scenario=scenario, agent_conf=agent_conf), num_envs, torch.device("cpu"))
         envs.reset(seed=0)
         shape = (num_envs, envs.n_agents, envs.act_dim)  # clipped to each agent's bounds (and dims) by the wrapper
         return timed(lambda: envs.step(torch.rand(shape) * 2 - 1), steps, num_envs), "script's MaMuJoCoEnvs"

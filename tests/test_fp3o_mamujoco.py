@@ -3,6 +3,8 @@ itself), time-limit bootstrapping in GAE, FP3O's objective with continuous actio
 rollouts (the batch's normalisation, each step's gradient, when the dependent step runs, one agent), and end-to-end runs
 (every sharing mode, one agent, exact resume, sync == async environments, evaluation of a saved model, bad input).
 
+Evaluation videos (--capture-video) are checked end to end too.
+
 The end-to-end runs are started once per module (two processes at a time, see conftest.run_scripts)."""
 import copy
 import itertools
@@ -11,12 +13,14 @@ import re
 import shutil
 import sys
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
 from conftest import (
     Job,
     assert_agent_steps_alone,
+    assert_one_clear_error,
     assert_same_state_dict,
     clipped_value_loss,
     describe,
@@ -28,6 +32,7 @@ from conftest import (
     run_dirs,
     run_scripts,
 )
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fp3o_mamujoco as F
 
@@ -659,6 +664,13 @@ BAD_INPUTS = {  # name: (arguments, what the message must mention)
 }
 
 
+def fake_module(folder, name):
+    """A folder whose `name` module fails to import, as if it were not installed (for PYTHONPATH)."""
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(f"raise ImportError('{name} is not installed')\n")
+    return folder
+
+
 def keep_copy(src, dst):
     shutil.copyfile(src, dst)
     return dst
@@ -685,7 +697,13 @@ def runs(tmp_path_factory):
         Job("one_agent", SCRIPT, TINY + one + ["--scenario", "ManySegmentSwimmer", "--agent-conf", "1x4",
                                                "--eval-interval", 0], base / "one_agent"),  # fmt: skip
         Job("no_dep", SCRIPT, TINY + one + ["--no-dependent-step", "--eval-interval", 0, "--no-normalize-obs", "--save-model"],
-            base / "no_dep"),  # fmt: skip
+            base / "no_dep", env={"MUJOCO_GL": "glfw"}),  # fmt: skip  (no display: a renderer matters only for videos)
+        Job("video", SCRIPT, TINY + two + ["--eval-interval", 1, "--capture-video", "--video-episodes", 2], base / "video"),
+        Job("video_eval_only", SCRIPT, lambda: ["--eval-only", "--resume", find_checkpoint(base / "full"), "--capture-video",
+                                                "--no-progress-bar"], base / "video_eval_only", after=["full"]),  # fmt: skip
+        Job("bad_renderer", SCRIPT, TINY + one + ["--capture-video"], base / "bad_renderer", env={"MUJOCO_GL": "glfw"}),
+        Job("bad_encoders", SCRIPT, TINY + one + ["--capture-video"], base / "bad_encoders",
+            env={"PYTHONPATH": str(fake_module(base / "no_moviepy", "moviepy"))}),
     ]
     for name, (args, _) in BAD_INPUTS.items():
         jobs.append(Job(f"bad_{name}", SCRIPT, args + ["--no-progress-bar"], base / f"bad_{name}"))
@@ -815,3 +833,63 @@ def test_bad_input_gives_a_short_error(runs, name):
     assert proc.returncode == 2 and "Traceback" not in err, describe(proc)
     assert err.splitlines()[-1].startswith("error:") and len(err.splitlines()) <= 10, err
     assert BAD_INPUTS[name][1] in err, f"the message should name the problem ({BAD_INPUTS[name][1]!r}):\n{err}"
+
+
+class EndingAt:
+    """MaMuJoCo envs whose env i ends its first episode after lengths[i] steps (a stand-in for falling over)."""
+
+    def __init__(self, envs, lengths):
+        self.envs, self.num_envs, self.lengths, self.t = envs, envs.num_envs, torch.tensor(lengths), 0
+
+    def reset(self, seed):
+        return self.envs.reset(seed)
+
+    def step(self, actions):
+        out, self.t = self.envs.step(actions), self.t + 1
+        out["done"] = out["done"] | (self.lengths == self.t)
+        return out
+
+    def render(self, i):
+        return self.envs.render(i)
+
+
+def test_evaluate_draws_one_frame_per_step_of_the_first_episodes(monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", F.offscreen_gl())
+    torch.manual_seed(0)
+    envs = F.MaMuJoCoEnvs("Hopper", "3x1", 1, 3, False, CPU, render=True)
+    actor, norm = F.GaussianActor(3, envs.obs_dim, envs.act_dim, 16, "none"), F.RunningNorm((3, 1, envs.obs_dim), False)
+    ret, frames = F.evaluate(actor, EndingAt(envs, [7, 4, 9]), norm, 3, videos=2)
+    assert [len(video) for video in frames] == [7, 4], "one frame per state the agents act in, until the episode ends"
+    for video in frames:
+        assert np.std(video[0]) > 10 and np.abs(video[0].astype(int) - video[-1]).mean() > 0.1, "a blank or frozen video"
+    assert F.evaluate(actor, EndingAt(envs, [7, 4, 9]), norm, 3) == (ret, []), "drawing changes no result"
+
+
+def assert_watchable(path, length):
+    frames = iio.imread(path)
+    assert frames.shape == (length, 240, 240, 3), "one frame per state the agents act in"
+    assert frames[0].std() > 10, "a blank frame"
+    assert np.abs(frames[0].astype(int) - frames[-1]).mean() > 1, "a frozen video"
+
+
+def test_capture_video_writes_each_evaluations_first_episodes_as_mp4s_and_tensorboard_videos(runs):
+    proc, cwd = ran_ok(runs, "video")
+    run = run_dir(cwd)
+    assert {p.name for p in (run / "videos").iterdir()} == {f"{s}_{k}.mp4" for s in (ITER, 2 * ITER) for k in (0, 1)}
+    for path in (run / "videos").iterdir():
+        assert_watchable(path, 20)  # --max-episode-steps 20
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("videos/episode_1")] == [ITER, 2 * ITER]
+    assert "ALSA" not in proc.stderr, "the encoders start quietly"
+
+
+def test_eval_only_with_capture_video_renders_the_saved_policy(runs):
+    proc, cwd = ran_ok(runs, "video_eval_only")
+    assert [p.name for p in run_dir(cwd).glob("videos/*")] == [f"{2 * ITER}_0.mp4"]
+    assert_watchable(next(run_dir(cwd).glob("videos/*")), 20)
+
+
+@pytest.mark.parametrize("name, mentions", [("bad_renderer", "libegl1"), ("bad_encoders", "imageio-ffmpeg and moviepy")])
+def test_capture_video_without_a_renderer_or_encoder_is_one_clear_error(runs, name, mentions):
+    assert_one_clear_error(runs[name][0], mentions)
