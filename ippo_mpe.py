@@ -55,6 +55,10 @@ class Args:
     """iterations between evaluations (0 disables evaluation)"""
     eval_episodes: int = 32
     """deterministic episodes per evaluation (the FP3O paper uses 32)"""
+    capture_video: bool = False
+    """record evaluation episodes as videos in `runs/{run_name}/videos/`, TensorBoard and (with --track) wandb"""
+    video_episodes: int = 1
+    """episodes recorded per evaluation with `--capture-video` (the first of its deterministic episodes)"""
     progress_bar: bool = True
     """show a progress bar with steps, SPS and the latest episodic return"""
     torch_threads: int = 0
@@ -122,7 +126,8 @@ MPE_ENVS = {  # task: the options of its parallel_env that the flags may set (be
 }
 
 
-RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar")  # what a resumed run may change
+# what a resumed run may change
+RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar", "capture_video", "video_episodes")
 
 
 def flags_given(argv) -> set:
@@ -134,7 +139,7 @@ def flags_given(argv) -> set:
 def check_args(args: Args):
     """Settings that cannot train: one `error:` line (exit status 2) before anything starts."""
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "eval_episodes",
-                 "checkpoint_interval", "max_cycles", "learning_rate", "critic_learning_rate", "clip_coef",
+                 "video_episodes", "checkpoint_interval", "max_cycles", "learning_rate", "critic_learning_rate", "clip_coef",
                  "max_grad_norm"):
         if not getattr(args, name) > 0:  # NaN too
             fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
@@ -142,6 +147,13 @@ def check_args(args: Args):
         fail(f"--gamma ({args.gamma}) and --gae-lambda ({args.gae_lambda}) must lie in [0, 1]")
     if args.total_timesteps < args.num_envs * args.num_steps:
         fail(f"--total-timesteps ({args.total_timesteps}) is less than one iteration, --num-envs x --num-steps")
+    if args.video_episodes > args.eval_episodes:
+        fail(f"--video-episodes ({args.video_episodes}) must not exceed --eval-episodes ({args.eval_episodes})")
+    if args.capture_video:
+        try:
+            import imageio_ffmpeg, moviepy  # noqa: F401, E401  (the encoders of record())
+        except ImportError:
+            fail("--capture-video needs imageio-ffmpeg and moviepy to write videos: pip install -r requirements.txt")
 
 
 def load_checkpoint(path: str) -> dict:
@@ -183,11 +195,12 @@ class MpeEnvs:
     `avail` [N, A] marks each agent's own actions (discrete) or action dimensions (continuous) among the padded A.
     step(actions [E, N] or [E, N, A]) returns each agent's own reward [E, N], terminated/truncated/done [E] and, where
     an episode ended, `final_obs` (its last observation, before the automatic reset; MPE's time limit is a truncation
-    whose value is bootstrapped), `ep_return` (the agents' mean return) and `ep_length`."""
+    whose value is bootstrapped), `ep_return` (the agents' mean return) and `ep_length`. With render=True, render(i)
+    draws env i (mpe2's rgb_array: agents and landmarks seen from above, 700 x 700 pixels)."""
 
-    def __init__(self, env_id: str, num_envs: int, options: dict):
+    def __init__(self, env_id: str, num_envs: int, options: dict, render: bool = False):
         module = importlib.import_module(f"mpe2.{env_id}")
-        self.envs = [module.env(**options) for _ in range(num_envs)]
+        self.envs = [module.env(**options, render_mode="rgb_array" if render else None) for _ in range(num_envs)]
         self.agents, self.num_envs, self.continuous = self.envs[0].possible_agents, num_envs, options["continuous_actions"]
         spaces = [self.envs[0].action_space(a) for a in self.agents]
         self.act_dims = [int(s.shape[0] if self.continuous else s.n) for s in spaces]
@@ -229,6 +242,9 @@ class MpeEnvs:
         out = dict(obs=obs, final_obs=final_obs, reward=reward, terminated=terminated, truncated=truncated,
                    done=terminated | truncated, ep_return=ep_return, ep_length=ep_length)  # fmt: skip
         return {k: torch.from_numpy(v) for k, v in out.items()}
+
+    def render(self, i: int) -> np.ndarray:  # [H, W, 3]
+        return self.envs[i].render()
 
     def get_state(self):
         """For exact resume: every world (positions, velocities, goals), its generator and step count."""
@@ -476,16 +492,31 @@ def ippo_update(actor, critic, opts, b, args):
 
 
 @torch.no_grad()
-def evaluate(actor, envs, seed, device):
-    """One deterministic episode (argmax or Gaussian mean) per environment, from the same seeded starts every time;
-    returns the mean episodic return (the agents' mean)."""
-    obs, returns = envs.reset(seed), torch.full((envs.num_envs,), float("nan"))
+def evaluate(actor, envs, seed, device, videos=0):
+    """One deterministic episode (argmax or Gaussian mean) per environment, from the same seeded starts every time.
+    Returns the mean episodic return (the agents' mean) and the frames of the first `videos` episodes (envs.render),
+    one per state the agents act in."""
+    obs, returns, frames = envs.reset(seed), torch.full((envs.num_envs,), float("nan")), [[] for _ in range(videos)]
     while returns.isnan().any():
+        for k, video in enumerate(frames):
+            video += [envs.render(k)] if returns[k].isnan() else []
         action, _ = actor.act(obs.transpose(0, 1).to(device), deterministic=True)
         nxt = envs.step(action.transpose(0, 1).cpu().numpy())
         first = nxt["done"] & returns.isnan()
         returns[first], obs = nxt["ep_return"][first], nxt["obs"]
-    return returns.mean().item()
+    return returns.mean().item(), frames
+
+
+def record(frames, run_name, step, writer, fps=10):
+    """--capture-video: each episode's frames as runs/{run_name}/videos/{step}_{k}.mp4 (imageio's ffmpeg; MPE moves
+    0.1 s per step) and a TensorBoard video `videos/episode_{k}` (with --track, wandb's TensorBoard sync logs it)."""
+    import imageio.v2 as imageio
+
+    os.environ.update({k: os.environ.get(k, "dummy") for k in ("SDL_AUDIODRIVER", "SDL_VIDEODRIVER")})  # add_video's moviepy
+    for k, video in enumerate(frames):  # imports pygame, which would greet the sound card otherwise
+        os.makedirs(f"runs/{run_name}/videos", exist_ok=True)
+        imageio.mimwrite(f"runs/{run_name}/videos/{step}_{k}.mp4", video, fps=fps, macro_block_size=1)
+        writer.add_video(f"videos/episode_{k}", torch.from_numpy(np.stack(video)).permute(0, 3, 1, 2)[None], step, fps=fps)
 
 
 def package_versions():
@@ -508,8 +539,8 @@ if __name__ == "__main__":
     if args.resume:
         extra = ", ".join("--" + name.replace("_", "-") for name in sorted(given - set(RESUME_FLAGS)))
         if extra:
-            fail(f"--resume continues the saved run with its own settings: drop {extra} (with --resume only --eval-only, "
-                 "--total-timesteps, --track and --[no-]progress-bar apply)")
+            fail(f"--resume continues the saved run with its own settings: drop {extra} (with --resume only "
+                 f"{', '.join('--' + name.replace('_', '-') for name in RESUME_FLAGS[1:])} apply)")
         ckpt = load_checkpoint(args.resume)
         cli = {k: getattr(args, k) for k in RESUME_FLAGS if k in given or k == "resume"}
         args = Args(**{**ckpt["args"], **cli, "save_model": True})
@@ -526,7 +557,10 @@ if __name__ == "__main__":
         torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     envs = MpeEnvs(args.env, args.num_envs, options)
-    eval_envs = MpeEnvs(args.env, args.eval_episodes, options) if args.eval_interval > 0 or args.eval_only else None
+    videos = args.video_episodes if args.capture_video else 0  # episodes drawn per evaluation
+    eval_envs = None  # every eval_interval iterations, or once with --eval-only
+    if args.eval_interval > 0 or args.eval_only:
+        eval_envs = MpeEnvs(args.env, args.eval_episodes, options, render=videos > 0)
     N, E, T, A = envs.n_agents, args.num_envs, args.num_steps, envs.n_actions
     print(f"{run_name}: {N} agents {envs.agents}, observations {envs.obs_dims} padded to {envs.obs_dim}, "
           f"{'action dims' if args.continuous_actions else 'actions'} {envs.act_dims} padded to {A}, "
@@ -539,7 +573,9 @@ if __name__ == "__main__":
     eval_seed = args.seed + 100_000  # every evaluation starts from the same episodes
     if ckpt and args.eval_only:
         actor.load_state_dict(ckpt["actor"])
-        ret = evaluate(actor, eval_envs, eval_seed, device)
+        ret, frames = evaluate(actor, eval_envs, eval_seed, device, videos)
+        if args.capture_video:
+            record(frames, run_name, ckpt["global_step"], SummaryWriter(f"runs/{run_name}"))
         print(f"eval: episodic_return {ret:.4f} over {args.eval_episodes} episodes")
         sys.exit(0)
     config = {**asdict(args), "versions": package_versions()}
@@ -604,7 +640,8 @@ if __name__ == "__main__":
             last_return = torch.cat(ep_returns).mean().item()
             scalars["charts/episodic_return"] = last_return
         if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == num_iterations):
-            scalars["eval/episodic_return"] = evaluate(actor, eval_envs, eval_seed, device)
+            scalars["eval/episodic_return"], frames = evaluate(actor, eval_envs, eval_seed, device, videos)
+            record(frames, run_name, global_step, writer)  # with --capture-video
         for k, v in scalars.items():
             writer.add_scalar(k, v, global_step)
         if progress is not None:

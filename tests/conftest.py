@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -283,3 +285,38 @@ def ran_ok(runs: dict, name: str):
     proc, cwd = runs[name]
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, describe(proc)
     return proc, cwd
+
+
+class EndingAt:
+    """Batched envs (a script's env class) whose env i ends its first episode after lengths[i] steps, for checking what
+    evaluate() does with episodes of different lengths (e.g. videos of the first ones)."""
+
+    def __init__(self, envs, lengths):
+        self.envs, self.num_envs, self.lengths, self.t = envs, envs.num_envs, torch.tensor(lengths), 0
+
+    def reset(self, seed):
+        return self.envs.reset(seed)
+
+    def step(self, actions):
+        out, self.t = self.envs.step(actions), self.t + 1
+        out["done"] = out["done"] | (self.lengths == self.t)
+        return out
+
+    def render(self, i):
+        return self.envs.render(i)
+
+
+def assert_watchable(frames, length: int):
+    """A video of `length` frames [T, H, W, 3] (uint8) that is neither blank nor frozen."""
+    frames = np.asarray(frames)
+    assert frames.shape[0] == length, f"one frame per state the agents act in: {frames.shape[0]} frames, not {length}"
+    assert frames.ndim == 4 and frames.shape[-1] == 3 and frames.dtype == np.uint8
+    assert frames[0].std() > 0, "a blank frame"
+    assert np.abs(frames[0].astype(int) - frames[-1]).mean() > 0.1, "a frozen video"
+
+
+def fake_module(folder, name):
+    """A folder whose `name` module fails to import, as if it were not installed (for PYTHONPATH)."""
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(f"raise ImportError('{name} is not installed')\n")
+    return folder

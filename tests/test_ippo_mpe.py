@@ -7,16 +7,21 @@ import re
 import shutil
 import sys
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from conftest import (
+    EndingAt,
     Job,
+    assert_one_clear_error,
+    assert_watchable,
     assert_agent_steps_alone,
     assert_same_state_dict,
     clipped_value_loss,
     describe,
+    fake_module,
     find_checkpoint,
     load_checkpoint,
     ran_ok,
@@ -26,10 +31,12 @@ from conftest import (
     run_scripts,
 )
 from mpe2 import simple_speaker_listener_v4, simple_spread_v3
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ippo_mpe as M
 
 SCRIPT = "ippo_mpe.py"
+CPU = torch.device("cpu")
 EPS = 0.2
 SPREAD, REFERENCE, LISTENER = "simple_spread_v3", "simple_reference_v3", "simple_speaker_listener_v4"
 
@@ -574,6 +581,12 @@ def runs(tmp_path_factory, repo_root):
     jobs.append(Job("resume", SCRIPT, lambda: resume() + ["--no-progress-bar"], base / "resume", after=["half"]))
     evaluate = lambda: ["--eval-only", "--resume", find_checkpoint(base / f"{REFERENCE}-none"), "--no-progress-bar"]
     jobs.append(Job("eval_only", SCRIPT, evaluate, base / "eval_only", after=[f"{REFERENCE}-none"]))
+    video = ["--capture-video", "--video-episodes", 2]
+    jobs.append(Job("video", SCRIPT, run(SPREAD, "partial") + video, base / "video"))
+    jobs.append(Job("video_eval_only", SCRIPT, lambda: evaluate() + ["--capture-video"], base / "video_eval_only",
+                    after=[f"{REFERENCE}-none"]))  # fmt: skip
+    jobs.append(Job("bad_encoders", SCRIPT, run(SPREAD, "full") + video, base / "bad_encoders",
+                    env={"PYTHONPATH": str(fake_module(base / "no_moviepy", "moviepy"))}))  # fmt: skip
     driver = base / "driver" / "nan_driver.py"
     jobs.append(Job("nan", str(driver), [repo_root / SCRIPT, *run(SPREAD, "full"), "--update-epochs", 1], base / "nan"))
     for name, (args, _) in BAD_INPUTS.items():
@@ -688,3 +701,36 @@ def test_bad_input_gives_a_short_error(runs, name):
     assert err.splitlines()[-1].startswith("error: "), err
     assert len(err.splitlines()) <= 10, f"a short message, not a wall:\n{err}"
     assert BAD_INPUTS[name][1] in err, f"the message should name the problem ({BAD_INPUTS[name][1]!r}):\n{err}"
+
+
+def test_evaluate_draws_one_frame_per_step_of_the_first_episodes():
+    torch.manual_seed(0)
+    envs = M.MpeEnvs(SPREAD, 3, opts(max_cycles=9), render=True)
+    actor = M.Actor(3, envs.obs_dim, envs.avail, 16, "none")
+    ret, frames = M.evaluate(actor, EndingAt(envs, [7, 4, 9]), 0, CPU, videos=2)
+    for video, length in zip(frames, [7, 4], strict=True):
+        assert_watchable(video, length)
+        assert video[0].shape == (700, 700, 3)
+    assert M.evaluate(actor, EndingAt(envs, [7, 4, 9]), 0, CPU) == (ret, []), "drawing changes no result"
+
+
+def test_capture_video_writes_each_evaluations_first_episodes_as_mp4s_and_tensorboard_videos(runs):
+    proc, cwd = ran_ok(runs, "video")
+    run = run_dir(cwd)
+    assert {p.name for p in (run / "videos").iterdir()} == {f"{s}_{k}.mp4" for s in (ITER, 2 * ITER) for k in (0, 1)}
+    for path in (run / "videos").iterdir():
+        assert_watchable(iio.imread(path), 7)  # --max-cycles 7
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("videos/episode_1")] == [ITER, 2 * ITER]
+    assert "ALSA" not in proc.stderr, "the encoders start quietly"
+
+
+def test_eval_only_with_capture_video_renders_the_saved_policy(runs):
+    proc, cwd = ran_ok(runs, "video_eval_only")
+    assert [p.name for p in run_dir(cwd).glob("videos/*")] == [f"{2 * ITER}_0.mp4"]
+    assert_watchable(iio.imread(next(run_dir(cwd).glob("videos/*"))), 7)
+
+
+def test_capture_video_without_its_encoders_is_one_clear_error(runs):
+    assert_one_clear_error(runs["bad_encoders"][0], "--capture-video needs imageio-ffmpeg and moviepy")
