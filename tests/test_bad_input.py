@@ -48,6 +48,16 @@ def test_settings_that_cannot_train_are_one_error(capsys, script, case):
     assert needle in one_error(capsys, lambda: m.check_args(args))
 
 
+@pytest.mark.parametrize("script", ["mappo_smac", "fp3o_mamujoco", "ippo_mpe"])  # the scripts with --capture-video
+@pytest.mark.parametrize("episodes", [0, 33])
+def test_video_episodes_must_be_positive_and_at_most_the_evaluations_episodes(capsys, script, episodes):
+    m = module(script)
+    args = m.Args(video_episodes=episodes, eval_episodes=32, **({"clip_coef": 0.2} if script == "fp3o_mamujoco" else {}))
+    assert "--video-episodes" in one_error(capsys, lambda: m.check_args(args))
+    args.video_episodes = 32
+    m.check_args(args)
+
+
 @pytest.fixture(scope="module")
 def damaged(tmp_path_factory):
     """Files that are not usable checkpoints: junk bytes, a torch file cut in half, a torch file of something else."""
