@@ -234,6 +234,14 @@ def test_pipeline_partners_uses_the_generator():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_pipeline_partners_follow_the_generators_permutation_left_shifted(seed):
+    """Eq. 9: the permutation i_1..i_n the generator draws and j_p = i_{p+1}: agent i_{p+1}'s partner is i_p."""
+    perm = torch.randperm(5, generator=torch.Generator().manual_seed(seed)).tolist()
+    partner = F.pipeline_partners(5, torch.Generator().manual_seed(seed))
+    assert [int(partner[perm[(p + 1) % 5]]) for p in range(5)] == perm
+
+
 # ---------------------------------------------------------------------------------------------- double clip
 def test_double_clip_with_a_wide_inner_clip_equals_the_plain_objective():
     gen = torch.Generator().manual_seed(5)

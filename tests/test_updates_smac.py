@@ -92,10 +92,11 @@ def training_state(actor, critic, opts):
 
 
 # ---------------------------------------------------------------------------------------------- FP3O (Algorithm 1)
-def fp3o_run(sharing, seed, generator_seed=1, record=False, **flags):
-    """fp3o_update on conftest's batch `seed`; returns (actor, critic, opts, b, stats, diag, recorded actor steps,
-    the pipeline partners drawn)."""
+def fp3o_run(sharing, seed, generator_seed=1, record=False, global_seed=0, **flags):
+    """fp3o_update on conftest's batch `seed` (torch's global generator seeded with `global_seed` afterwards); returns
+    (actor, critic, opts, b, stats, diag, recorded actor steps, the pipeline partners drawn)."""
     actor, critic, opts, b = conftest.hand_made_batch(F, sharing, seed)
+    torch.manual_seed(global_seed)
     args = F.Args(sharing=sharing, **{**(PLAIN if record else dict(update_epochs=2, num_minibatches=2)), **flags})
     steps, partners, draw = record_steps(opts[0]), [], F.pipeline_partners
 
@@ -193,8 +194,20 @@ def test_fp3o_matching_degree_is_logged_only_where_the_dependent_step_ran(seed, 
         assert diag["fp3o/condition_matches"] == float(constraint == diag["fp3o/condition_holds"])
 
 
+@pytest.mark.parametrize("seed", [FAILS, HOLDS])
+def test_fp3o_condition_is_evaluated_with_this_batchs_intermediate_ratios(seed):
+    """Algorithm 1 line 7, logged as fp3o/S1 and fp3o/S2: S1 = sum A^i prod_m rho^m against S2 = sum A^i rho^i over the
+    alive samples, rho = pi_{k+0.5} / pi_k under the actor the independent step left."""
+    actor, _, _, b, _, diag, steps, _ = fp3o_run("full", seed, record=True)
+    rho = ratios(F, at(actor, steps[PLAIN["update_epochs"]][0]) if len(steps) > PLAIN["update_epochs"] else actor, b)
+    s1, s2 = (b["adv"] * rho.prod(1, keepdim=True) * b["active"]).sum(), (b["adv"] * rho * b["active"]).sum()
+    assert diag["fp3o/S1"] == pytest.approx(s1.item(), rel=1e-4) and diag["fp3o/S2"] == pytest.approx(s2.item(), rel=1e-4)
+    assert diag["fp3o/condition_holds"] == float(s1 >= s2 - 1e-5) == float(seed == HOLDS)
+
+
 def test_fp3o_generator_draws_the_pipelines_and_minibatches():
-    a, b_ = fp3o_run("none", HOLDS, generator_seed=4), fp3o_run("none", HOLDS, generator_seed=4)
+    """Everything random in the update (the pipelines, every step's minibatches) comes from its generator alone."""
+    a, b_ = fp3o_run("none", HOLDS, generator_seed=4), fp3o_run("none", HOLDS, generator_seed=4, global_seed=9)
     c = fp3o_run("none", HOLDS, generator_seed=5)
     assert_same_state_dict(training_state(*a[:3]), training_state(*b_[:3]), "the same generator")
     assert not torch.equal(a[0].state_dict()["head.weight"], c[0].state_dict()["head.weight"])
