@@ -150,7 +150,7 @@ def raw_mamujoco(module, flags, num_envs, steps):
     f = parse_flags(flags, "scenario", "agent_conf")
     scenario, agent_conf = f["scenario"] or "HalfCheetah", f["agent_conf"] or "6x1"
     wrapper = getattr(module, "make_envs", None)
-    if wrapper is not None and list(inspect.signature(wrapper).parameters)[:3] == ["args", "num_envs", "asynchronous"]:
+    if wrapper is not None and list(inspect.signature(wrapper).parameters)[:3] == ["args", "num_envs", "device"]:
         import torch
 
         envs = module.make_envs(module.Args(scenario=scenario, agent_conf=agent_conf), num_envs, torch.device("cpu"))

@@ -1,6 +1,7 @@
 """Tests of benchmark/: report.py on synthetic TensorBoard logs, sweep.py with a fake script (skip-finished runs,
 records, dry run, Slurm job array), throughput.py with fake scripts (SPS, rollout/update split, memory, ratios)."""
 import csv
+import importlib
 import importlib.util
 import json
 import re
@@ -526,6 +527,14 @@ def test_throughput_table_with_fake_scripts(tmp_path):
     assert "| smac | none | FP3O / MAPPO | 2.33 |" in table  # 0.7 / 0.3
     assert "| smac | fp3o | none / full | 1.75 |" in table and "| smac | mappo | none / full | 1.50 |" in table
     assert "`no_such_mpe.py`: not in this checkout yet, not measured" in table
+
+
+@pytest.mark.parametrize("script, raw, via", [("fp3o_mamujoco", "raw_mamujoco", "script's MaMuJoCoEnvs"),
+                                              ("ippo_mpe", "raw_mpe", "script's MpeEnvs"),
+                                              ("mappo_smac", "raw_smac", "script's SMAX wrapper")])  # fmt: skip
+def test_raw_stepping_goes_through_each_scripts_own_wrapper(script, raw, via):
+    sps, how = getattr(throughput, raw)(importlib.import_module(script), "", 2, 5)
+    assert sps > 0 and how == via
 
 
 def test_throughput_reports_a_failing_run(tmp_path):
