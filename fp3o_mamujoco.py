@@ -732,8 +732,7 @@ def evaluate(actor, envs, obs_norm, episodes, videos=0):
 
 
 def record(frames, run_name, step, writer, fps):
-    """--capture-video: each episode's frames as runs/{run_name}/videos/{step}_{k}.mp4 (imageio's ffmpeg) and a TensorBoard
-    video `videos/episode_{k}` (with --track, wandb's TensorBoard sync logs it as a wandb.Video)."""
+    """--capture-video: each episode as runs/{run_name}/videos/{step}_{k}.mp4 and as TensorBoard's `videos/episode_{k}`."""
     import imageio.v2 as imageio
 
     os.environ.update({k: os.environ.get(k, "dummy") for k in ("SDL_AUDIODRIVER", "SDL_VIDEODRIVER")})  # add_video's moviepy
@@ -741,6 +740,7 @@ def record(frames, run_name, step, writer, fps):
         os.makedirs(f"runs/{run_name}/videos", exist_ok=True)
         imageio.mimwrite(f"runs/{run_name}/videos/{step}_{k}.mp4", video, fps=fps, macro_block_size=1)
         writer.add_video(f"videos/episode_{k}", torch.from_numpy(np.stack(video)).permute(0, 3, 1, 2)[None], step, fps=fps)
+    writer.flush()  # now: an --eval-only run exits right after
 
 
 def adam(params, lr):

@@ -517,6 +517,7 @@ def record(frames, run_name, step, writer, fps=10):
         os.makedirs(f"runs/{run_name}/videos", exist_ok=True)
         imageio.mimwrite(f"runs/{run_name}/videos/{step}_{k}.mp4", video, fps=fps, macro_block_size=1)
         writer.add_video(f"videos/episode_{k}", torch.from_numpy(np.stack(video)).permute(0, 3, 1, 2)[None], step, fps=fps)
+    writer.flush()  # now: an --eval-only run exits right after
 
 
 def package_versions():

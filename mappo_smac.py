@@ -698,6 +698,7 @@ def record(envs, frames, games, run_name, step, writer):
     for k, video in enumerate(frames):
         imageio.mimwrite(f"runs/{run_name}/videos/{step}_{k}.mp4", video, fps=8, macro_block_size=1)
         writer.add_video(f"videos/episode_{k}", torch.from_numpy(np.stack(video)).permute(0, 3, 1, 2)[None], step, fps=8)
+    writer.flush()  # now: an --eval-only run exits right after
 
 
 if __name__ == "__main__":

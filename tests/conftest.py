@@ -320,3 +320,21 @@ def fake_module(folder, name):
     folder.mkdir()
     (folder / f"{name}.py").write_text(f"raise ImportError('{name} is not installed')\n")
     return folder
+
+
+def assert_videos(proc, run: Path, steps, episodes: int, length: int, size):
+    """A run's --capture-video output: videos/{step}_{k}.mp4 for every evaluation step and its first `episodes` episodes,
+    each a watchable video of `length` frames of `size` (H, W); the same as TensorBoard videos; the encoders quiet."""
+    import imageio.v3 as iio
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert {p.name for p in (run / "videos").iterdir()} == {f"{s}_{k}.mp4" for s in steps for k in range(episodes)}
+    for path in (run / "videos").iterdir():
+        frames = iio.imread(path)
+        assert frames.shape[1:3] == tuple(size), path
+        assert_watchable(frames, length)
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    for k in range(episodes):
+        assert [e.step for e in events.Images(f"videos/episode_{k}")] == list(steps)
+    assert "ALSA" not in proc.stderr, "the encoders start quietly"

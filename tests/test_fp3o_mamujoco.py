@@ -13,7 +13,6 @@ import re
 import shutil
 import sys
 
-import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
@@ -22,6 +21,7 @@ from conftest import (
     assert_agent_steps_alone,
     EndingAt,
     assert_one_clear_error,
+    assert_videos,
     assert_watchable,
     assert_same_state_dict,
     clipped_value_loss,
@@ -35,7 +35,6 @@ from conftest import (
     run_dirs,
     run_scripts,
 )
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fp3o_mamujoco as F
 
@@ -844,21 +843,12 @@ def test_evaluate_draws_one_frame_per_step_of_the_first_episodes(monkeypatch):
 
 def test_capture_video_writes_each_evaluations_first_episodes_as_mp4s_and_tensorboard_videos(runs):
     proc, cwd = ran_ok(runs, "video")
-    run = run_dir(cwd)
-    assert {p.name for p in (run / "videos").iterdir()} == {f"{s}_{k}.mp4" for s in (ITER, 2 * ITER) for k in (0, 1)}
-    for path in (run / "videos").iterdir():
-        assert iio.imread(path).shape[1:] == (240, 240, 3)
-        assert_watchable(iio.imread(path), 20)  # --max-episode-steps 20
-    events = EventAccumulator(str(run), size_guidance={"images": 0})
-    events.Reload()
-    assert [e.step for e in events.Images("videos/episode_1")] == [ITER, 2 * ITER]
-    assert "ALSA" not in proc.stderr, "the encoders start quietly"
+    assert_videos(proc, run_dir(cwd), [ITER, 2 * ITER], 2, 20, (240, 240))  # --max-episode-steps 20
 
 
 def test_eval_only_with_capture_video_renders_the_saved_policy(runs):
     proc, cwd = ran_ok(runs, "video_eval_only")
-    assert [p.name for p in run_dir(cwd).glob("videos/*")] == [f"{2 * ITER}_0.mp4"]
-    assert_watchable(iio.imread(next(run_dir(cwd).glob("videos/*"))), 20)
+    assert_videos(proc, run_dir(cwd), [2 * ITER], 1, 20, (240, 240))
 
 
 @pytest.mark.parametrize("name, mentions", [("bad_renderer", "libegl1"), ("bad_encoders", "imageio-ffmpeg and moviepy")])

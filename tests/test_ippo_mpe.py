@@ -7,7 +7,6 @@ import re
 import shutil
 import sys
 
-import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
@@ -16,6 +15,7 @@ from conftest import (
     EndingAt,
     Job,
     assert_one_clear_error,
+    assert_videos,
     assert_watchable,
     assert_agent_steps_alone,
     assert_same_state_dict,
@@ -31,7 +31,6 @@ from conftest import (
     run_scripts,
 )
 from mpe2 import simple_speaker_listener_v4, simple_spread_v3
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ippo_mpe as M
 
@@ -716,20 +715,12 @@ def test_evaluate_draws_one_frame_per_step_of_the_first_episodes():
 
 def test_capture_video_writes_each_evaluations_first_episodes_as_mp4s_and_tensorboard_videos(runs):
     proc, cwd = ran_ok(runs, "video")
-    run = run_dir(cwd)
-    assert {p.name for p in (run / "videos").iterdir()} == {f"{s}_{k}.mp4" for s in (ITER, 2 * ITER) for k in (0, 1)}
-    for path in (run / "videos").iterdir():
-        assert_watchable(iio.imread(path), 7)  # --max-cycles 7
-    events = EventAccumulator(str(run), size_guidance={"images": 0})
-    events.Reload()
-    assert [e.step for e in events.Images("videos/episode_1")] == [ITER, 2 * ITER]
-    assert "ALSA" not in proc.stderr, "the encoders start quietly"
+    assert_videos(proc, run_dir(cwd), [ITER, 2 * ITER], 2, 7, (700, 700))  # --max-cycles 7
 
 
 def test_eval_only_with_capture_video_renders_the_saved_policy(runs):
     proc, cwd = ran_ok(runs, "video_eval_only")
-    assert [p.name for p in run_dir(cwd).glob("videos/*")] == [f"{2 * ITER}_0.mp4"]
-    assert_watchable(iio.imread(next(run_dir(cwd).glob("videos/*"))), 7)
+    assert_videos(proc, run_dir(cwd), [2 * ITER], 1, 7, (700, 700))
 
 
 def test_capture_video_without_its_encoders_is_one_clear_error(runs):

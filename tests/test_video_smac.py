@@ -88,6 +88,9 @@ def test_capture_video_writes_mp4s_and_tensorboard_videos_and_eval_only_renders_
                       cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(os.path.basename(p) for p in glob.glob(f"{run}/videos/*.mp4")) == ["400_0.mp4"]
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("videos/episode_0")] == [200, 400, 400], "and the evaluation's TensorBoard video"
 
 
 def test_capture_video_without_its_encoders_is_one_clear_error(tmp_path):
