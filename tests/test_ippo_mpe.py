@@ -570,7 +570,8 @@ def runs(tmp_path_factory, repo_root):
         for sharing in ("full", "partial", "none"):
             name, track = f"{env_id}-{sharing}", (env_id, sharing) == (SPREAD, "none")
             wandb = {"WANDB_MODE": "offline", "WANDB_DIR": str(base / name)} if track else None
-            jobs.append(Job(name, SCRIPT, run(env_id, sharing) + ["--track"] * track, base / name, env=wandb))
+            tracked = ["--track", "--capture-video"] * track  # and its videos reach wandb
+            jobs.append(Job(name, SCRIPT, run(env_id, sharing) + tracked, base / name, env=wandb))
         if env_id in CONTINUOUS:
             name = f"{env_id}-continuous"
             jobs.append(Job(name, SCRIPT, run(env_id, CONTINUOUS[env_id], continuous=True), base / name))
@@ -643,8 +644,9 @@ def test_track_writes_an_offline_wandb_run(runs):
     assert offline, f"no offline wandb run under {cwd / 'wandb'}"
     assert run_dir(cwd).name in offline[0].name, "the wandb run id is the run name"
     data = next(offline[0].glob("*.wandb")).read_bytes()
-    for needle in (b"mpe2", b"versions", b"losses/policy_loss", SPREAD.encode()):
+    for needle in (b"mpe2", b"versions", b"losses/policy_loss", SPREAD.encode(), b"videos/episode_0"):
         assert needle in data, needle
+    assert list(offline[0].glob("files/media/images/*.gif")), "--capture-video's videos reach wandb (as wandb.Video gifs)"
 
 
 def test_resume_equals_an_uninterrupted_run(runs):
