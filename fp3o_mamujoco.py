@@ -735,9 +735,9 @@ def record(frames, run_name, step, writer, fps):
     """--capture-video: each episode as runs/{run_name}/videos/{step}_{k}.mp4 and as TensorBoard's `videos/episode_{k}`."""
     import imageio.v2 as imageio
 
-    os.environ.update({k: os.environ.get(k, "dummy") for k in ("SDL_AUDIODRIVER", "SDL_VIDEODRIVER")})  # add_video's moviepy
-    for k, video in enumerate(frames):  # imports pygame, which would greet the sound card otherwise
-        os.makedirs(f"runs/{run_name}/videos", exist_ok=True)
+    for k, video in enumerate(frames):  # (nothing without --capture-video)
+        os.environ.update({v: os.environ.get(v, "dummy") for v in ("SDL_AUDIODRIVER", "SDL_VIDEODRIVER")})  # add_video's
+        os.makedirs(f"runs/{run_name}/videos", exist_ok=True)  # moviepy imports pygame, which would greet the sound card
         imageio.mimwrite(f"runs/{run_name}/videos/{step}_{k}.mp4", video, fps=fps, macro_block_size=1)
         writer.add_video(f"videos/episode_{k}", torch.from_numpy(np.stack(video)).permute(0, 3, 1, 2)[None], step, fps=fps)
     writer.flush()  # now: an --eval-only run exits right after
