@@ -8,7 +8,8 @@ TensorBoard's EventAccumulator. Written to --out-dir:
                    over seeds; the best of each row in bold; (n/m seeds) where seeds are missing or incomplete;
                    with --at, rows for the values at those step budgets too; under each table, with rliable
                    (Agarwal et al., NeurIPS 2021): the interquartile mean over seeds with a 95% stratified-bootstrap
-                   confidence interval, and the probability of improvement of fp3o over each other algorithm
+                   confidence interval, and the probability of improvement of fp3o over each other algorithm;
+                   with --reach, the steps to the first value at or above a threshold (median over seeds)
   curves_<task>__<tag>.png   mean and spread over seeds per algorithm, one panel per sharing mode, against
                    environment steps; ..__seconds.png against wall-clock seconds from the run's first event;
                    ..__gradient_steps.png against the actor optimiser steps of `charts/gradient_steps`
@@ -53,6 +54,9 @@ class Args:
     """a run's final value: the mean of its last N values of the tag"""
     at: List[int] = field(default_factory=list)
     """step budgets for extra rows: each run's last value at or before the budget (runs short of it count as missing)"""
+    reach: List[float] = field(default_factory=list)
+    """thresholds of the table's tag (as logged: a win rate of 0.8 is 0.8): a table of the steps each algorithm needs to
+    the first value at or above each, median over seeds, a seed that never gets there counting as infinitely many"""
     tolerance: float = 0.02
     """relative slack on steps: a run reaching (1 - tol) x the row's final step (or budget) counts as complete"""
     algorithms: List[str] = field(default_factory=list)
@@ -269,6 +273,46 @@ def build_table(runs: List[RunLog], args: Args):
     return lines, notes
 
 
+def first_reach(series: np.ndarray, threshold: float) -> float:
+    """The first step at which the series is at or above `threshold`; inf where it never is."""
+    hit = series[series[:, 1] >= threshold]
+    return float(hit[0, 0]) if len(hit) else math.inf
+
+
+def reach_tables(runs: List[RunLog], args: Args) -> List[str]:
+    """Markdown lines: per threshold of --reach, task and sharing mode, the median over seeds of the steps to the first
+    value of the table's tag at or above it. A seed that never gets there counts as infinitely many steps (the median is
+    then `> last step` once half of the seeds have not); a seed that stopped early without getting there is left out."""
+    algorithms = args.algorithms or list(dict.fromkeys(r.algorithm for r in runs))
+    lines = []
+    for threshold in args.reach:
+        for task in dict.fromkeys(r.task for r in runs):
+            task_runs = [r for r in runs if r.task == task]
+            tag, _ = table_metric(task_runs, args.tag, args.stat)
+            n_expected = len({r.seed for r in task_runs})
+            lines += [f"### Steps to the first `{tag}` >= {threshold:g}: median over seeds (seeds that got there / seeds)",
+                      "", "| task | sharing | " + " | ".join(algorithms) + " |", "|---|---|" + "---|" * len(algorithms)]  # fmt: skip
+            for sharing in sorted({r.sharing for r in task_runs}, key=lambda s: (SHARING_ORDER.get(s, 9), s)):
+                have = [r for r in task_runs if r.sharing == sharing and len(r.scalars.get(tag, ()))]
+                row_final = max((r.scalars[tag][-1, 0] for r in have), default=0)
+                cells = []
+                for alg in algorithms:
+                    steps = [first_reach(r.scalars[tag], threshold) for r in have if r.algorithm == alg]
+                    last = [r.scalars[tag][-1, 0] for r in have if r.algorithm == alg]
+                    # a run that stopped short of the row's final step without getting there tells nothing
+                    steps = [s for s, end in zip(steps, last) if math.isfinite(s) or end >= row_final * (1 - args.tolerance)]
+                    if not steps:
+                        cells.append("-")
+                        continue
+                    median, reached = float(np.median(steps)), sum(map(math.isfinite, steps))
+                    text = human_steps(median) if math.isfinite(median) else f"> {human_steps(row_final)}"
+                    cells.append(f"{text} ({reached}/{len(steps)})" + (f" ({len(steps)}/{n_expected} seeds)"
+                                                                       if len(steps) < n_expected else ""))  # fmt: skip
+                lines.append(f"| {task} | {sharing} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines
+
+
 MIN_SEEDS = 3  # fewer seeds than this: no interval estimate (the cell says so)
 
 
@@ -454,6 +498,7 @@ def main(args: Args, cli: Optional[List[str]] = None):
     runs.sort(key=lambda r: (r.task, SHARING_ORDER.get(r.sharing, 9), r.algorithm, r.seed))
     os.makedirs(args.out_dir, exist_ok=True)
     lines, notes = build_table(runs, args)
+    lines += reach_tables(runs, args)
     header = [args.title, ""] if args.title else []
     header += [f"`python benchmark/report.py {shlex.join(cli if cli is not None else args.sweeps)}` on {len(runs)} runs "
                f"({sum(r.status == 0 for r in runs)} finished with exit status 0).", ""]  # fmt: skip

@@ -97,7 +97,7 @@ def table_row(table: str, task: str, sharing: str, steps: str, after: str = ""):
 @pytest.fixture(scope="module")
 def reported(synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    report.main(report.Args(sweeps=[str(synthetic)], out_dir=str(out), at=[50_000], bootstrap_reps=500))
+    report.main(report.Args(sweeps=[str(synthetic)], out_dir=str(out), at=[50_000], reach=[0.33], bootstrap_reps=500))
     return out, (out / "table.md").read_text()
 
 
@@ -128,6 +128,29 @@ def test_report_values_at_step_budgets(reported):
     assert fp3o == "**30.0 ± 10.8**" and mappo == "15.0 ± 4.1", table  # half of the final values
     fp3o, mappo = table_row(table, "2s3z", "none", "50k")  # the crashed seed (40k) did not reach 50k either
     assert fp3o == "45.0 ± 0.0" and mappo == "**46.5 ± 1.5** (2/3 seeds)", table
+
+
+def reach_row(table: str, tag: str, task: str, sharing: str):
+    """The algorithms' cells of the row task/sharing of the --reach table of `tag`."""
+    section = table[table.index(f"Steps to the first `{tag}` >= 0.33") :]
+    for line in section.splitlines()[3:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|"):
+            break
+        if cells[:2] == [task, sharing]:
+            return cells[2:]
+    raise AssertionError(f"no --reach row {task}/{sharing} in\n{section}")
+
+
+def test_report_steps_to_reach_a_threshold(reported):
+    _, table = reported
+    # values rise linearly to the seed's final value at 100k, logged every 10k: final f reaches 0.33 at 33k / f
+    assert reach_row(table, "eval/win_rate", "2s3z", "full") == ["60k (3/3)", "> 100k (1/3)"], table  # 40k, 70k, 60k
+    # mappo's seed 3 stopped at 40k without getting there: left out, and marked
+    assert reach_row(table, "eval/win_rate", "2s3z", "none") == ["40k (3/3)", "40k (2/2) (2/3 seeds)"], table
+    assert reach_row(table, "eval/episodic_return", "HalfCheetah-6x1", "full") == ["10k (3/3)", "10k (2/2) (2/3 seeds)"]
+    series = np.array([[1.0, 0.1], [2.0, 0.5], [3.0, 0.2], [4.0, 0.9]])
+    assert report.first_reach(series, 0.5) == 2.0 and report.first_reach(series, 0.95) == float("inf")
 
 
 IQM = "`eval/win_rate`: interquartile mean"
