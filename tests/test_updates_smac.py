@@ -302,6 +302,43 @@ def test_happo_critic_fit_draws_minibatches_as_mappo_does(sharing):
     torch.testing.assert_close(v_loss, stats[1])
 
 
+def test_happo_generator_draws_the_order_and_every_minibatch():
+    """Everything random in the update (the order, the turns' minibatches, the critic's) comes from its generator alone:
+    torch's global generator, seeded differently, changes nothing."""
+    results = []
+    for seed, global_seed in ((3, 0), (3, 9), (4, 0)):
+        actor, critic, opts, b = conftest.hand_made_batch(H, "none")
+        torch.manual_seed(global_seed)
+        args = H.Args(sharing="none", update_epochs=2, num_minibatches=2)
+        _, diag = H.happo_update(actor, critic, opts, b, args, torch.Generator().manual_seed(seed))
+        results.append((training_state(actor, critic, opts), order_of(diag, "happo")))
+    assert_same_state_dict(results[0][0], results[1][0], "the same generator")
+    assert results[0][1] == results[1][1]
+    for net in ("actor.head.weight", "critic.head.weight"):
+        assert not torch.equal(results[0][0][net], results[2][0][net])
+
+
+@pytest.mark.parametrize("sharing", ["full", "none"])
+def test_happo_fixed_order_and_the_logged_factors_and_kls(sharing):
+    """--fixed-order takes the agents as numbered; each agent's logged M (mean and max over its alive samples) is the M
+    its turn used, and its KL after the turn is measured under the actor as its turn left it."""
+    actor, critic, opts, b = conftest.hand_made_batch(H, sharing, logp_noise=0.2)
+    steps = record_steps(opts[0])
+    args = H.Args(sharing=sharing, fixed_order=True, **PLAIN)
+    _, diag = H.happo_update(actor, critic, opts, b, args, torch.Generator().manual_seed(2))
+    per_turn, factor = PLAIN["update_epochs"], torch.ones(T, E)
+    assert order_of(diag, "happo") == list(range(N))
+    for i in range(N):
+        after = at(actor, steps[(i + 1) * per_turn][0]) if i < N - 1 else actor  # the actor as agent i's turn left it
+        act = b["active"][:, i]
+        assert diag[f"happo/factor_mean_agent{i}"] == pytest.approx(((factor * act).sum() / act.sum()).item(), rel=1e-5)
+        assert diag[f"happo/factor_max_agent{i}"] == pytest.approx(factor[act.bool()].max().item(), rel=1e-5)
+        r = ratios(H, after, b)[:, i]
+        kl = (((r - 1) - r.log()) * act).sum() / act.sum()
+        assert diag[f"happo/kl_after_turn_agent{i}"] == pytest.approx(kl.item(), rel=1e-4) and kl > 0
+        factor = factor * r  # M for the next agent (dead agents' samples: ratio 1)
+
+
 # ---------------------------------------------------------------------------------------------- A2PO (Algorithms 1, 2)
 def a2po_batch(sharing):
     """conftest's batch with PreOPC's inputs (eq. 2) and a value normaliser, as a2po_smac.py builds them."""

@@ -7,6 +7,7 @@
 #
 #   bash benchmark/recipes/smax_2s3z_none.sh               9 runs, two at a time (~1.3 h on 2 cores)
 #   A2PO=1 bash benchmark/recipes/smax_2s3z_none.sh        12 runs
+#   SHARING="none full partial" bash ...                   the same budget with sharing too (27 runs)
 #
 # Runs finished before are skipped (in the sweep folder, or committed in the results folder's runs.csv), so the study
 # can be stopped and continued on another machine. REPORT_ONLY=1 rewrites the report from the runs finished so far.
@@ -19,12 +20,13 @@ PY=${PYTHON:-python}
 OUT=${OUT:-benchmark/sweeps/smax_2s3z_none}
 STEPS=${STEPS:-3000000}
 SCRIPTS=(fp3o_smac.py mappo_smac.py happo_smac.py)
+read -r -a SHARING <<< "${SHARING:-none}"
 [ "${A2PO:-0}" = 1 ] && SCRIPTS+=(a2po_smac.py)
 RESULTS=benchmark/results/smax_2s3z_none
 EARLIER=()
 [ -f "$RESULTS/runs.csv" ] && EARLIER=(--finished-in "$RESULTS/runs.csv")
 STATUS=0
-[ "${REPORT_ONLY:-0}" = 1 ] || $PY benchmark/sweep.py --out "$OUT" --scripts "${SCRIPTS[@]}" --tasks 2s3z --sharing none \
+[ "${REPORT_ONLY:-0}" = 1 ] || $PY benchmark/sweep.py --out "$OUT" --scripts "${SCRIPTS[@]}" --tasks 2s3z --sharing "${SHARING[@]}" \
   --seeds 1 2 3 --args="--total-timesteps $STEPS --eval-interval 25 --save-model" "${EARLIER[@]}" "$@" || STATUS=1
 case " $* " in *" --dry-run "* | *" --slurm "*) exit $STATUS ;; esac
 [ -f "$RESULTS/runs.csv" ] && EARLIER=(--previous "$RESULTS")
