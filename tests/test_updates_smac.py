@@ -302,6 +302,31 @@ def test_happo_critic_fit_draws_minibatches_as_mappo_does(sharing):
     torch.testing.assert_close(v_loss, stats[1])
 
 
+@pytest.mark.parametrize("sharing", ["full", "none"])
+def test_happo_turn_steps_on_the_entropy_bonus_too_and_logs_its_statistics(sharing):
+    """A turn's loss is -(M * PPO-clip) - ent_coef * entropy, both means over the agent's alive samples; the turn logs
+    that policy loss, the entropy, the approximate KL and the clip fraction of the samples it stepped on."""
+    actor, critic, opts, b = conftest.hand_made_batch(H, sharing, logp_noise=0.2)
+    steps = record_steps(opts[0])
+    args = H.Args(sharing=sharing, update_epochs=1, num_minibatches=1, ent_coef=0.5, max_grad_norm=1e9)
+    agent, factor = 1, 0.5 + torch.rand(T, E, generator=torch.Generator().manual_seed(0))
+    stats = H.happo_turn(actor, opts[0], b, factor, agent, H.agent_params(actor, N), args)
+    net = at(actor, steps[0][0])
+    logp, entropy = H.evaluate_actions(net, b["obs"], b["avail"], b["actions"], b["h0"], b["starts"])
+    log_ratio = logp[:, agent] - b["logp"][:, agent]
+    ratio, act = log_ratio.exp(), b["active"][:, agent]
+    pg_loss = -agent_mean(factor * ppo_clip(ratio, b["adv"][:, agent]), b["active"], agent)
+    ent = agent_mean(entropy[:, agent], b["active"], agent)
+    expected = torch.autograd.grad(pg_loss - args.ent_coef * ent, list(net.parameters()))
+    for (name, _), got, want in zip(net.named_parameters(), steps[0][1], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        kl = agent_mean((ratio - 1) - log_ratio, b["active"], agent)
+        clipfrac = agent_mean(((ratio - 1).abs() > EPS).float(), b["active"], agent)
+    assert 0 < clipfrac < 1 and kl > 0
+    torch.testing.assert_close(stats, torch.stack([pg_loss, ent, kl, clipfrac]).detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_happo_generator_draws_the_order_and_every_minibatch():
     """Everything random in the update (the order, the turns' minibatches, the critic's) comes from its generator alone:
     torch's global generator, seeded differently, changes nothing."""
