@@ -115,6 +115,7 @@ def test_semi_greedy_alternates_greedy_and_uniformly_random_picks():
     adv[1::2] *= -1  # the score is the mean |A|
     active = torch.ones_like(adv)
     adv[0, 0, 0], active[0, 0, 0] = 1000.0, 0.0  # a dead agent's sample does not count
+    active[1:, 1] = 0.0  # agent 1 alive in 3 samples only: the largest mean |A| (0.9), but not the largest sum
     first_random = []
     for seed in range(300):
         torch.manual_seed(seed)

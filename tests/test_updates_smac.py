@@ -412,13 +412,34 @@ def test_a2po_turns_step_on_eq_6_with_the_current_product_of_the_agents_that_mov
         assert_step_follows(A, steps[p * per_turn], actor, b, loss_of)
 
 
-def test_a2po_generator_draws_the_order_and_the_minibatches():
+@pytest.mark.parametrize("rule", ["semi-greedy", "random"])
+def test_a2po_generator_draws_the_order_and_the_minibatches(rule):
+    """Everything random in the update (the order's random picks, every turn's minibatches) comes from its generator
+    alone: torch's global generator, seeded differently, changes nothing; another generator seed changes the update."""
     results = []
-    for seed in (3, 3, 4):
+    for seed, global_seed in ((3, 0), *((3, g) for g in range(1, 6)), (4, 0)):
         actor, critic, opts, b, trace, value_norm = a2po_batch("none")
-        args = A.Args(sharing="none", update_epochs=2, num_minibatches=2)
+        torch.manual_seed(global_seed)
+        args = A.Args(sharing="none", order=rule, update_epochs=2, num_minibatches=2)
         _, diag = A.a2po_update(actor, critic, opts, b, trace, value_norm, args, torch.Generator().manual_seed(seed))
         results.append((training_state(actor, critic, opts), order_of(diag, "a2po")))
-    assert_same_state_dict(results[0][0], results[1][0], "the same generator")
-    assert results[0][1] == results[1][1]
-    assert not torch.equal(results[0][0]["actor.head.weight"], results[2][0]["actor.head.weight"])
+    for same in results[1:-1]:
+        assert_same_state_dict(results[0][0], same[0], "the same generator")
+        assert results[0][1] == same[1]
+    assert not torch.equal(results[0][0]["actor.head.weight"], results[-1][0]["actor.head.weight"])
+
+
+@pytest.mark.parametrize("rule", ["fixed", "semi-greedy"])
+def test_a2po_update_takes_the_agents_in_the_order_of_its_rule(rule):
+    """--order fixed: 0..n-1; semi-greedy: first the agent with the largest mean |A^i| of the rollout's GAE (eq. 2 with
+    weights 1, every agent's own V), not of its returns."""
+    actor, critic, opts, b, trace, value_norm = a2po_batch("none")
+    args = A.Args(sharing="none", order=rule, **PLAIN)
+    _, diag = A.a2po_update(actor, critic, opts, b, trace, value_norm, args, torch.Generator().manual_seed(0))
+    order = order_of(diag, "a2po")
+    gae, returns = A.preopc_advantages(*trace, torch.ones(T, N, E), args.gamma, args.gae_lambda)
+    by_gae, by_returns = ((x.abs() * b["active"]).sum((0, 2)) / b["active"].sum((0, 2)) for x in (gae, returns))
+    if rule == "fixed":
+        assert order == list(range(N))
+    else:
+        assert order[0] == by_gae.argmax().item() != by_returns.argmax().item()
