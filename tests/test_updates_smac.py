@@ -430,12 +430,15 @@ def test_a2po_generator_draws_the_order_and_the_minibatches(rule):
 
 
 @pytest.mark.parametrize("rule", ["fixed", "semi-greedy"])
-def test_a2po_update_takes_the_agents_in_the_order_of_its_rule(rule):
+def test_a2po_update_takes_the_agents_in_the_order_of_its_rule(rule, monkeypatch):
     """--order fixed: 0..n-1; semi-greedy: first the agent with the largest mean |A^i| of the rollout's GAE (eq. 2 with
-    weights 1, every agent's own V), not of its returns."""
+    weights 1, every agent's own V), not of its returns. The update returns the mean of its turns' loss statistics."""
     actor, critic, opts, b, trace, value_norm = a2po_batch("none")
-    args = A.Args(sharing="none", order=rule, **PLAIN)
-    _, diag = A.a2po_update(actor, critic, opts, b, trace, value_norm, args, torch.Generator().manual_seed(0))
+    args, turns, turn = A.Args(sharing="none", order=rule, **PLAIN), [], A.a2po_turn
+    monkeypatch.setattr(A, "a2po_turn", lambda *a, **k: turns.append(turn(*a, **k)) or turns[-1])
+    stats, diag = A.a2po_update(actor, critic, opts, b, trace, value_norm, args, torch.Generator().manual_seed(0))
+    assert len(turns) == N and stats.shape == turns[0].shape == (5,)
+    torch.testing.assert_close(stats, torch.stack(turns).mean(0))
     order = order_of(diag, "a2po")
     gae, returns = A.preopc_advantages(*trace, torch.ones(T, N, E), args.gamma, args.gae_lambda)
     by_gae, by_returns = ((x.abs() * b["active"]).sum((0, 2)) / b["active"].sum((0, 2)) for x in (gae, returns))
