@@ -290,8 +290,9 @@ def reach_tables(runs: List[RunLog], args: Args) -> List[str]:
             task_runs = [r for r in runs if r.task == task]
             tag, _ = table_metric(task_runs, args.tag, args.stat)
             n_expected = len({r.seed for r in task_runs})
-            lines += [f"### Steps to the first `{tag}` >= {threshold:g}: median over seeds (seeds that got there / seeds)",
-                      "", "| task | sharing | " + " | ".join(algorithms) + " |", "|---|---|" + "---|" * len(algorithms)]  # fmt: skip
+            what = "median over seeds (seeds that got there / seeds: each seed's steps)"
+            lines += [f"### Steps to the first `{tag}` >= {threshold:g}: {what}", "",
+                      "| task | sharing | " + " | ".join(algorithms) + " |", "|---|---|" + "---|" * len(algorithms)]  # fmt: skip
             for sharing in sorted({r.sharing for r in task_runs}, key=lambda s: (SHARING_ORDER.get(s, 9), s)):
                 have = [r for r in task_runs if r.sharing == sharing and len(r.scalars.get(tag, ()))]
                 row_final = max((r.scalars[tag][-1, 0] for r in have), default=0)
@@ -306,8 +307,9 @@ def reach_tables(runs: List[RunLog], args: Args) -> List[str]:
                         continue
                     median, reached = float(np.median(steps)), sum(map(math.isfinite, steps))
                     text = human_steps(median) if math.isfinite(median) else f"> {human_steps(row_final)}"
-                    cells.append(f"{text} ({reached}/{len(steps)})" + (f" ({len(steps)}/{n_expected} seeds)"
-                                                                       if len(steps) < n_expected else ""))  # fmt: skip
+                    each = ", ".join(human_steps(x) if math.isfinite(x) else "never" for x in sorted(steps))
+                    missing = f" ({len(steps)}/{n_expected} seeds)" if len(steps) < n_expected else ""
+                    cells.append(f"{text} ({reached}/{len(steps)}: {each}){missing}")
                 lines.append(f"| {task} | {sharing} | " + " | ".join(cells) + " |")
             lines.append("")
     return lines

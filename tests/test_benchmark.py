@@ -145,10 +145,11 @@ def reach_row(table: str, tag: str, task: str, sharing: str):
 def test_report_steps_to_reach_a_threshold(reported):
     _, table = reported
     # values rise linearly to the seed's final value at 100k, logged every 10k: final f reaches 0.33 at 33k / f
-    assert reach_row(table, "eval/win_rate", "2s3z", "full") == ["60k (3/3)", "> 100k (1/3)"], table  # 40k, 70k, 60k
+    assert reach_row(table, "eval/win_rate", "2s3z", "full") == ["60k (3/3: 40k, 60k, 70k)", "> 100k (1/3: 90k, never, never)"]
     # mappo's seed 3 stopped at 40k without getting there: left out, and marked
-    assert reach_row(table, "eval/win_rate", "2s3z", "none") == ["40k (3/3)", "40k (2/2) (2/3 seeds)"], table
-    assert reach_row(table, "eval/episodic_return", "HalfCheetah-6x1", "full") == ["10k (3/3)", "10k (2/2) (2/3 seeds)"]
+    assert reach_row(table, "eval/win_rate", "2s3z", "none") == ["40k (3/3: 40k, 40k, 40k)", "40k (2/2: 40k, 40k) (2/3 seeds)"]
+    cheetah = reach_row(table, "eval/episodic_return", "HalfCheetah-6x1", "full")
+    assert cheetah == ["10k (3/3: 10k, 10k, 10k)", "10k (2/2: 10k, 10k) (2/3 seeds)"]
     series = np.array([[1.0, 0.1], [2.0, 0.5], [3.0, 0.2], [4.0, 0.9]])
     assert report.first_reach(series, 0.5) == 2.0 and report.first_reach(series, 0.95) == float("inf")
 
