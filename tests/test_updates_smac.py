@@ -412,6 +412,38 @@ def test_a2po_turns_step_on_eq_6_with_the_current_product_of_the_agents_that_mov
         assert_step_follows(A, steps[p * per_turn], actor, b, loss_of)
 
 
+@pytest.mark.parametrize("sharing", ["full", "none"])
+def test_a2po_turn_of_a_block_steps_on_its_mean_loss_with_the_entropy_bonus_and_logs_it(sharing):
+    """A block's turn (two agents here) steps the actor on -(eq. 6) - ent_coef * entropy, as a mean over the block's
+    alive samples (without sharing each agent's own mean: separate networks), and logs the policy and value losses and
+    the entropy (the agents' mean), the approximate KL and the clip fraction of the samples it stepped on."""
+    actor, critic, opts, b, trace, value_norm = a2po_batch(sharing)
+    b = {**b, "prev_ratio": 0.8 + 0.4 * torch.rand(T, N, E, generator=torch.Generator().manual_seed(3))}
+    steps, start_critic = record_steps(opts[0]), copy.deepcopy(critic)
+    args = A.Args(sharing=sharing, num_minibatches=1, ent_coef=0.5, max_grad_norm=1e9)
+    block, clip = torch.tensor([0, 2]), torch.full((1, N, 1), EPS)
+    per_agent = (A.agent_params(actor, N), A.agent_params(critic, N))
+    stats = A.a2po_turn(actor, critic, opts, b, block, clip, 1, per_agent, args)
+    net = at(actor, steps[0][0])
+    logp, entropy = (x[:, block] for x in A.evaluate_actions(net, b["obs"], b["avail"], b["actions"], b["h0"], b["starts"]))
+    act, log_ratio = b["active"][:, block], logp - b["logp"][:, block]
+    w = act / (act.sum((0, 2), keepdim=True) if sharing == "none" else act.sum())
+    obj = A.a2po_objective(log_ratio.exp(), b["adv"][:, block], b["prev_ratio"][:, block], EPS)
+    pg_loss, ent = -(obj * w).sum(), (entropy * w).sum()
+    expected = torch.autograd.grad(pg_loss - args.ent_coef * ent, list(net.parameters()))
+    for (name, _), got, want in zip(net.named_parameters(), steps[0][1], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        values = start_critic(b["state"])[0].squeeze(-1)[:, block]
+        v_loss = A.value_loss_fn(values, b["values"][:, block], b["returns_n"][:, block], w, args.clip_coef, args.huber_delta)
+        ratio, n = log_ratio.exp(), act.sum()
+        kl, clipfrac = (((ratio - 1) - log_ratio) * act).sum() / n, (((ratio - 1).abs() > EPS).float() * act).sum() / n
+    assert 0 < clipfrac < 1 and kl > 0
+    agents = len(block) if sharing == "none" else 1
+    expected_stats = torch.stack([pg_loss / agents, v_loss / agents, ent / agents, kl, clipfrac]).detach()
+    torch.testing.assert_close(stats, expected_stats, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("rule", ["semi-greedy", "random"])
 def test_a2po_generator_draws_the_order_and_the_minibatches(rule):
     """Everything random in the update (the order's random picks, every turn's minibatches) comes from its generator
