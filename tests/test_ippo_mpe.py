@@ -285,6 +285,8 @@ def test_ippo_update_is_one_ppo_clip_step_per_agent_on_its_own_advantage(sharing
     v_loss = clipped_value_loss(values, b["values"], b["returns_n"], EPS)
     torch.testing.assert_close(stats[1], v_loss.detach())
     torch.testing.assert_close(stats[2], entropy.mean().detach())
+    torch.testing.assert_close(stats[3], ((ratio - 1) - ratio.log()).mean().detach())  # approx. KL before the step (k3)
+    torch.testing.assert_close(stats[4], ((ratio - 1).abs() > EPS).float().mean())  # the clip fraction
     n_sum = N if sharing == "none" else 1  # none: each agent's own mean, summed over agents (see the next test)
     for net, loss in ((ref_actor, pg_loss - args.ent_coef * entropy.mean()), (ref_critic, v_loss)):
         opt = torch.optim.Adam(net.parameters(), lr=5e-3, eps=1e-5)
@@ -353,12 +355,14 @@ def test_without_sharing_agents_learn_independently(sharing):
         assert not torch.equal(results[0][0]["fc1.weight"], results[1][0]["fc1.weight"])
 
 
-def test_clip_grad_norm_per_agent():
+@pytest.mark.parametrize("n_agents", [2, 3])  # 2: simple_speaker_listener
+def test_clip_grad_norm_per_agent(n_agents):
     torch.manual_seed(0)
+    scales = torch.tensor([1.0, 10.0, 0.01][-n_agents:])  # agent 0 or 1 clipped, the last agent's small gradient not
     for sharing in ("full", "none", "partial"):
-        net = M.AgentNet(3, 6, 2, 4, sharing)
+        net = M.AgentNet(n_agents, 6, 2, 4, sharing)
         for p in net.parameters():
-            p.grad = torch.randn_like(p) * torch.tensor([1.0, 10.0, 0.01][: p.shape[0]]).view(-1, *[1] * (p.dim() - 1))
+            p.grad = torch.randn_like(p) * (scales if p.shape[0] > 1 else scales[:1]).view(-1, *[1] * (p.dim() - 1))
         grads = {k: p.grad.clone() for k, p in net.named_parameters()}
         M.clip_grad_norm_per_agent(net, 1.0)
         if sharing == "full":  # torch's own clipping
@@ -369,16 +373,16 @@ def test_clip_grad_norm_per_agent():
             for (k, p), r in zip(net.named_parameters(), ref, strict=True):
                 torch.testing.assert_close(p.grad, r.grad, msg=k)
         elif sharing == "none":  # each agent's gradient clipped on its own
-            for i in range(3):
+            for i in range(n_agents):
                 norm = torch.sqrt(sum(g[i].pow(2).sum() for g in grads.values()))
                 factor = min(1.0, 1.0 / (norm.item() + 1e-6))
                 for k, p in net.named_parameters():
                     torch.testing.assert_close(p.grad[i], grads[k][i] * factor, msg=f"{k}[{i}]")
-            assert factor == 1.0, "agent 2's small gradient is left alone"
+            assert factor == 1.0, "the last agent's small gradient is left alone"
         else:  # per-agent heads by their own factor, the shared trunk by the smallest factor
             norms = torch.sqrt(sum(grads[k].pow(2).reshape(grads[k].shape[0], -1).sum(1) for k in grads))
             factors = (1.0 / (norms + 1e-6)).clamp(max=1.0)
-            torch.testing.assert_close(net.head.weight.grad, grads["head.weight"] * factors.view(3, 1, 1))
+            torch.testing.assert_close(net.head.weight.grad, grads["head.weight"] * factors.view(n_agents, 1, 1))
             torch.testing.assert_close(net.fc1.weight.grad, grads["fc1.weight"] * factors.min())
 
 
