@@ -421,6 +421,27 @@ def test_pipeline_partners_is_a_cyclic_shift_of_a_permutation(n_agents):
     assert len(seen) > 1 or n_agents == 2
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_pipeline_partners_follow_the_generators_permutation_left_shifted(seed):
+    """Eq. 9: the permutation i_1..i_n that the given generator draws (whatever torch's global one holds) and
+    j_p = i_{p+1}: agent i_{p+1}'s partner is i_p."""
+    perm = torch.randperm(5, generator=torch.Generator().manual_seed(seed)).tolist()
+    torch.manual_seed(1000 + seed)
+    partner = F.pipeline_partners(5, torch.Generator().manual_seed(seed))
+    assert [int(partner[perm[(p + 1) % 5]]) for p in range(5)] == perm
+
+
+def test_fp3o_condition_and_constraint_use_the_slack():
+    """Equal sums hold; S1 just below S2 holds within the slack and fails beyond it; the default slack is 1e-5."""
+    ones, adv = torch.ones(2, 1, dtype=torch.float64), torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    low = torch.tensor([[1.0], [1.0 - 1e-3]], dtype=torch.float64)
+    # the condition with rho = low: S1 = 1 - 1e-3, S2 = 1; the constraint with r_{k+1} = low: S1' = 1 - 1e-3, S2 = 1
+    assert F.fp3o_condition(low, adv, slack=1e-2)[0] is True and F.fp3o_condition(low, adv, slack=1e-4)[0] is False
+    assert F.fp3o_constraint(ones, low, adv, slack=1e-2) is True and F.fp3o_constraint(ones, low, adv, slack=1e-4) is False
+    assert F.fp3o_condition(low, adv)[0] is False and F.fp3o_constraint(ones, low, adv) is False  # the default slack
+    assert F.fp3o_condition(ones, adv)[0] is True and F.fp3o_constraint(ones, ones, adv) is True
+
+
 def test_fp3o_condition_and_constraint_on_hand_made_batches():
     rho = torch.tensor([[2.0, 1.0], [0.5, 3.0]])  # [N = 2, B = 2], joint ratio [1, 3]
     adv = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
