@@ -659,6 +659,30 @@ def test_the_dependent_step_runs_when_the_condition_holds_or_is_ignored(case):
     assert same_weights(actor, ref_actor) == same_weights(critic, ref_critic) == torch.equal(stats, ref_stats) == (not ran)
 
 
+@pytest.mark.parametrize("case", ["holds", "fails"])
+def test_the_condition_is_logged_with_this_batchs_intermediate_ratios_and_the_slack_of_args(case):
+    """Algorithm 1 line 7, logged as fp3o/S1 and fp3o/S2: S1 = sum A^i prod_m rho^m against S2 = sum A^i rho^i with
+    rho = pi_{k+0.5} / pi_k under the actor that the independent step left; --condition-slack moves the threshold."""
+
+    def run(**kw):
+        actor, critic, opts, b, args, _ = update_setup(act_dims=(2, 3), **kw)
+        if case == "fails":
+            b["adv"][1] = -b["adv"][0]
+        ref = copy.deepcopy((actor, critic, opts))
+        torch.manual_seed(7)
+        diag = F.fp3o_update(actor, critic, opts, b, args)[1]
+        torch.manual_seed(7)
+        F.fp3o_step(*ref, b, (1.0, 1.0), args)  # the independent step alone: pi_{k+0.5}
+        with torch.no_grad():
+            rho = (F.gaussian_log_prob(b["actions"], *ref[0](b["obs"]), b["act_mask"]) - b["logp"]).exp()
+        return diag, (b["adv"] * rho.prod(0)).sum().item(), (b["adv"] * rho).sum().item()
+
+    diag, s1, s2 = run()
+    assert (diag["fp3o/S1"], diag["fp3o/S2"]) == pytest.approx((s1, s2), rel=1e-5)
+    assert diag["fp3o/condition_holds"] == float(s1 >= s2 - 1e-5) == float(case == "holds")
+    assert run(condition_slack=abs(s2 - s1) + 1.0)[0]["fp3o/condition_holds"] == 1.0  # a slack wider than the gap
+
+
 def test_one_agent_is_ppo_the_independent_step_alone():
     """n = 1 (e.g. ManySegmentSwimmer 1x4): no pipeline partner and no condition, FP3O is PPO-clip."""
     actor, critic, opts, b, args, _ = update_setup("full", act_dims=(3,))
