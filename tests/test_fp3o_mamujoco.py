@@ -307,6 +307,17 @@ def test_truncation_bootstraps_from_the_final_state_and_termination_does_not():
     assert torch.equal(adv3[:5, 0], adv[:5, 0]) and adv3[5, 0] != adv[5, 0]
 
 
+def test_advantages_are_standardised_over_each_agents_own_samples():
+    gen = torch.Generator().manual_seed(0)
+    scale, shift = torch.tensor([[1.0], [50.0], [0.1]]), torch.tensor([[0.0], [10.0], [-3.0]])
+    adv = (torch.randn(3, 40, generator=gen) * scale + shift).double()
+    out = F.standardize_per_agent(adv)
+    for i, a in enumerate(adv.tolist()):  # (A - mean) / std with the agent's own mean and (biased) std
+        mean = sum(a) / len(a)
+        std = math.sqrt(sum((x - mean) ** 2 for x in a) / len(a))
+        assert out[i].tolist() == pytest.approx([(x - mean) / std for x in a], rel=1e-6)
+
+
 def test_compute_gae_broadcasts_one_reward_over_per_agent_critics():
     r, v, fv, term, trunc = gae_batch()
     v3 = torch.stack([v, v + 1, v * 2], 1)  # [T+1, Nc=3, E]: three critics
@@ -681,6 +692,29 @@ def test_the_condition_is_logged_with_this_batchs_intermediate_ratios_and_the_sl
     assert (diag["fp3o/S1"], diag["fp3o/S2"]) == pytest.approx((s1, s2), rel=1e-5)
     assert diag["fp3o/condition_holds"] == float(s1 >= s2 - 1e-5) == float(case == "holds")
     assert run(condition_slack=abs(s2 - s1) + 1.0)[0]["fp3o/condition_holds"] == 1.0  # a slack wider than the gap
+
+
+@pytest.mark.parametrize("case", ["holds", "fails_no_condition"])
+def test_after_a_dependent_step_the_update_logs_the_two_steps_mean_and_eq_11s_constraint(case):
+    """When the dependent step runs, the logged losses are the mean of the two steps' and fp3o/constraint_holds is the
+    constraint of eq. 11 under pi_{k+1}: sum A^i rho^i prod_{m != i} r_{k+1}^m >= sum A^i rho^i - slack."""
+    actor, critic, opts, b, args, _ = update_setup(act_dims=(2, 3), no_condition=case != "holds")
+    if case != "holds":
+        b["adv"][1] = -b["adv"][0]
+    ref = copy.deepcopy((actor, critic, opts))
+    torch.manual_seed(7)
+    stats, diag = F.fp3o_update(actor, critic, opts, b, args)
+    torch.manual_seed(7)  # the same steps by hand
+    first = F.fp3o_step(*ref, b, (1.0, 1.0), args)
+    with torch.no_grad():
+        rho = (F.gaussian_log_prob(b["actions"], *ref[0](b["obs"]), b["act_mask"]) - b["logp"]).exp()
+    second = F.fp3o_step(*ref, b, F.fp3o_factors(rho, F.pipeline_partners(2)), args)
+    assert diag["fp3o/condition_holds"] == float(case == "holds") and same_weights(actor, ref[0])
+    torch.testing.assert_close(stats, (first + second) / 2)
+    with torch.no_grad():
+        r_new = (F.gaussian_log_prob(b["actions"], *actor(b["obs"]), b["act_mask"]) - b["logp"]).exp()
+    s1, s2 = (b["adv"] * rho * r_new.flip(0)).sum(), (b["adv"] * rho).sum()  # two agents: the other's r_{k+1}
+    assert diag["fp3o/constraint_holds"] == float(s1 >= s2 - 1e-5)
 
 
 def test_one_agent_is_ppo_the_independent_step_alone():
