@@ -505,6 +505,20 @@ def test_fp3o_step_without_sharing_steps_each_agent_as_a_network_of_its_own(max_
         assert_agent_steps_alone((actor, critic), (ref_actor, ref_critic), losses, i, 0.1, max_grad_norm, max_grad_norm < 1)
 
 
+def test_fp3o_step_logs_the_approx_kl_and_clip_fraction_of_its_ratios():
+    """One epoch of one minibatch: the logged approx. KL, mean((r - 1) - log r), and clip fraction, mean(|r - 1| > eps),
+    are those of the ratios before the step, r = pi(a|o) / pi_k(a|o)."""
+    actor, critic, opts, b, args, _ = update_setup(act_dims=(2, 3))
+    args.update_epochs = 1
+    b["logp"] = b["logp"] + 0.3 * torch.randn(b["logp"].shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ratio = (F.gaussian_log_prob(b["actions"], *actor(b["obs"]), b["act_mask"]) - b["logp"]).exp()
+    assert ((ratio - 1).abs() > EPS).any() and ((ratio - 1).abs() < EPS).any()
+    stats = F.fp3o_step(actor, critic, opts, b, (1.0, 1.0), args)
+    torch.testing.assert_close(stats[3], ((ratio - 1) - ratio.log()).mean())
+    torch.testing.assert_close(stats[4], ((ratio - 1).abs() > EPS).float().mean())
+
+
 def test_fp3o_step_with_scalar_factors_equals_ones_tensors():
     """The independent step passes factors 1.0; it must train exactly as with tensors of ones."""
     args = F.Args(clip_coef=0.2, num_minibatches=4, update_epochs=2)
