@@ -350,6 +350,18 @@ def test_running_norm_matches_the_statistics_of_all_data_seen():
     assert torch.equal(F.RunningNorm((2,), enabled=False)(torch.full((3, 2), 50.0)), torch.full((3, 2), 50.0))
 
 
+def test_running_norm_is_the_clipped_standard_score_with_its_eps_and_moves_with_the_module():
+    """forward = clip((x - mean) / sqrt(var + 1e-8), +-10): the identity (clipped) before any data, and the eps shows
+    where a feature barely varies; the float32 copies it uses are buffers (they follow .to(device)) but not saved."""
+    x = torch.tensor([[0.5, -3.0], [40.0, -40.0], [1e-4, 3e-4]])
+    norm = F.RunningNorm((2,))
+    assert torch.equal(norm(x), x.clamp(-10, 10))
+    norm.update(torch.tensor([[1e-4], [-1e-4]]).repeat(5000, 2), (0,))  # variance ~2e-8: sqrt(var + eps) is not sqrt(var)
+    expected = ((x.double() - norm.mean) / (norm.var + 1e-8).sqrt()).clamp(-10, 10)
+    torch.testing.assert_close(norm(x), expected.float())
+    assert {"shift", "scale"} <= dict(norm.named_buffers()).keys() and not {"shift", "scale"} & norm.state_dict().keys()
+
+
 # ---------------------------------------------------------------------------------------------- FP3O with Gaussians
 def gaussian_setup(seed, sharing="partial", act_dims=(2, 1, 3, 2), B=64):
     """An actor, a batch of actions from an older policy and their log-probs under it: ratios spread around 1."""
