@@ -584,7 +584,7 @@ def recipe_commands(recipe, *flags):
 
 def test_recipe_table2_smac_budgets():
     quick = recipe_commands("fp3o_table2_smac.sh", "--quick")
-    assert len(quick) == 3 * 3 * 2 and all("--map 2s3z" in c and "--total-timesteps 640000" in c for c in quick)
+    assert len(quick) == 3 * 3 * 3 and all("--map 2s3z" in c and "--total-timesteps 640000" in c for c in quick)
     assert {re.search(r"/(\w+)_smac\.py", c).group(1) for c in quick} == {"fp3o", "mappo", "happo"}
     full = recipe_commands("fp3o_table2_smac.sh")
     assert len(full) == 3 * 3 * 3 * 5  # maps x sharing modes x algorithms x seeds

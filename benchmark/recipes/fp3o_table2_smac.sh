@@ -5,7 +5,7 @@
 # not in SMAX; IPPO has no SMAC script here. SMAX maps are easier than StarCraft II's: compare algorithms with each other, not with the paper.
 #
 #   bash benchmark/recipes/fp3o_table2_smac.sh            full budgets (1.3e9 environment steps in all)
-#   bash benchmark/recipes/fp3o_table2_smac.sh --quick    SMAX 2s3z, 2 seeds, 640k steps per run: 42 min on 2 cores
+#   bash benchmark/recipes/fp3o_table2_smac.sh --quick    SMAX 2s3z, 3 seeds, 640k steps per run: ~65 min on 2 cores
 #
 # Other flags go to benchmark/sweep.py: --workers N, --dry-run, --slurm (job arrays instead of local runs), --track.
 # Runs finished before are skipped, so the recipe can be stopped and started again. A failed run does not stop the
@@ -28,20 +28,26 @@ PY=${PYTHON:-python}
 STATUS=0
 
 if [ "$QUICK" = 1 ]; then
-  # 2s3z x 3 algorithms x 3 sharing modes x 2 seeds = 18 runs of 200 iterations (3,200 steps each), two at a time.
-  # Measured on a 2-core machine (one torch thread per run, two runs at a time): 42 minutes in all; FP3O 260-475 s
-  # per run, HAPPO 243-305 s, MAPPO 178-309 s (benchmark/results/quick_smax/). QUICK_STEPS=... changes the budget
-  # (runs finished with another budget run again).
+  # 2s3z x 3 algorithms x 3 sharing modes x 3 seeds = 27 runs of 200 iterations (3,200 steps each), two at a time.
+  # Measured on a 2-core machine (one torch thread per run, two runs at a time): 42 minutes for seeds 1-2, FP3O
+  # 260-475 s per run, HAPPO 243-305 s, MAPPO 178-309 s (benchmark/results/quick_smax/). QUICK_STEPS=... changes
+  # the budget (runs finished with another budget run again). Runs committed in the results folder's runs.csv count
+  # as finished, and the report merges them with the new ones.
   STEPS=${QUICK_STEPS:-640000}
   OUT=benchmark/sweeps/quick_smax
-  $PY benchmark/sweep.py --out "$OUT" --scripts "${SCRIPTS[@]}" --tasks 2s3z --sharing full partial none --seeds 1 2 \
-    --args="--total-timesteps $STEPS --eval-interval 10" ${PASS[@]+"${PASS[@]}"} || STATUS=1
+  RESULTS=benchmark/results/quick_smax
+  EARLIER=()
+  [ -f "$RESULTS/runs.csv" ] && EARLIER=(--finished-in "$RESULTS/runs.csv")
+  $PY benchmark/sweep.py --out "$OUT" --scripts "${SCRIPTS[@]}" --tasks 2s3z --sharing full partial none --seeds 1 2 3 \
+    --args="--total-timesteps $STEPS --eval-interval 10" "${EARLIER[@]}" ${PASS[@]+"${PASS[@]}"} || STATUS=1
   if [ "$REPORT" = 1 ]; then
+    [ -f "$RESULTS/runs.csv" ] && EARLIER=(--previous "$RESULTS")
+    mkdir -p "$OUT"
     # curves of the win rate and of the evaluation return (which shows learning before the first wins)
-    $PY benchmark/report.py "$OUT" --out-dir benchmark/results/quick_smax --at 160000 320000 480000 \
+    $PY benchmark/report.py "$OUT" "${EARLIER[@]}" --out-dir "$RESULTS" --at 160000 320000 480000 --reach 0.8 \
       --plot-tags eval/win_rate eval/episodic_return \
       --title "Quick SMAX recipe: \`bash benchmark/recipes/fp3o_table2_smac.sh --quick\` ($STEPS steps per run, evaluation every 32,000 steps, 32 greedy episodes)"
-    gzip -9f benchmark/results/quick_smax/scalars.csv  # every scalar of every run: large as plain text
+    gzip -9f "$RESULTS/scalars.csv"  # every scalar of every run: large as plain text
   fi
   exit $STATUS
 fi
