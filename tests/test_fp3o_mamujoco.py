@@ -523,8 +523,7 @@ def test_fp3o_step_logs_the_approx_kl_and_clip_fraction_of_its_ratios():
     actor, critic, opts, b, args, _ = update_setup(act_dims=(2, 3))
     args.update_epochs = 1
     b["logp"] = b["logp"] + 0.3 * torch.randn(b["logp"].shape, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ratio = (F.gaussian_log_prob(b["actions"], *actor(b["obs"]), b["act_mask"]) - b["logp"]).exp()
+    ratio = batch_ratios(actor, b)
     assert ((ratio - 1).abs() > EPS).any() and ((ratio - 1).abs() < EPS).any()
     stats = F.fp3o_step(actor, critic, opts, b, (1.0, 1.0), args)
     torch.testing.assert_close(stats[3], ((ratio - 1) - ratio.log()).mean())
@@ -602,6 +601,12 @@ def update_setup(sharing="partial", act_dims=(2, 1, 3), seed=0, lr=3e-3, norms=N
                   max_grad_norm=1e6, **kw)  # fmt: skip
     b = F.rollout_batch(buf, critic, *norms, act_mask(act_dims).float(), actor.std().detach(), args)
     return actor, critic, opts, b, args, buf
+
+
+@torch.no_grad()
+def batch_ratios(actor, b):
+    """pi(a|o) / pi_k(a|o) of the batch's actions under `actor`."""
+    return (F.gaussian_log_prob(b["actions"], *actor(b["obs"]), b["act_mask"]) - b["logp"]).exp()
 
 
 def same_weights(a, b):
@@ -696,50 +701,44 @@ def test_the_dependent_step_runs_when_the_condition_holds_or_is_ignored(case):
     assert same_weights(actor, ref_actor) == same_weights(critic, ref_critic) == torch.equal(stats, ref_stats) == (not ran)
 
 
+def update_beside_its_independent_step(case, **kw):
+    """Two agents, the same advantage for both when case == "holds", else opposite ones: fp3o_update on update_setup's
+    networks, and on a copy of them the independent step alone with the same random minibatches. Returns (the batch,
+    args, the update's stats and diagnostics, the updated actor, the copy (actor, critic, opts) after the independent
+    step, that step's stats, rho = pi_{k+0.5} / pi_k)."""
+    actor, critic, opts, b, args, _ = update_setup(act_dims=(2, 3), **kw)
+    if case != "holds":
+        b["adv"][1] = -b["adv"][0]
+    ref = copy.deepcopy((actor, critic, opts))
+    torch.manual_seed(7)
+    stats, diag = F.fp3o_update(actor, critic, opts, b, args)
+    torch.manual_seed(7)
+    first = F.fp3o_step(*ref, b, (1.0, 1.0), args)
+    return b, args, stats, diag, actor, ref, first, batch_ratios(ref[0], b)
+
+
 @pytest.mark.parametrize("case", ["holds", "fails"])
 def test_the_condition_is_logged_with_this_batchs_intermediate_ratios_and_the_slack_of_args(case):
     """Algorithm 1 line 7, logged as fp3o/S1 and fp3o/S2: S1 = sum A^i prod_m rho^m against S2 = sum A^i rho^i with
     rho = pi_{k+0.5} / pi_k under the actor that the independent step left; --condition-slack moves the threshold."""
-
-    def run(**kw):
-        actor, critic, opts, b, args, _ = update_setup(act_dims=(2, 3), **kw)
-        if case == "fails":
-            b["adv"][1] = -b["adv"][0]
-        ref = copy.deepcopy((actor, critic, opts))
-        torch.manual_seed(7)
-        diag = F.fp3o_update(actor, critic, opts, b, args)[1]
-        torch.manual_seed(7)
-        F.fp3o_step(*ref, b, (1.0, 1.0), args)  # the independent step alone: pi_{k+0.5}
-        with torch.no_grad():
-            rho = (F.gaussian_log_prob(b["actions"], *ref[0](b["obs"]), b["act_mask"]) - b["logp"]).exp()
-        return diag, (b["adv"] * rho.prod(0)).sum().item(), (b["adv"] * rho).sum().item()
-
-    diag, s1, s2 = run()
+    b, _, _, diag, _, _, _, rho = update_beside_its_independent_step(case)
+    s1, s2 = (b["adv"] * rho.prod(0)).sum().item(), (b["adv"] * rho).sum().item()
     assert (diag["fp3o/S1"], diag["fp3o/S2"]) == pytest.approx((s1, s2), rel=1e-5)
     assert diag["fp3o/condition_holds"] == float(s1 >= s2 - 1e-5) == float(case == "holds")
-    assert run(condition_slack=abs(s2 - s1) + 1.0)[0]["fp3o/condition_holds"] == 1.0  # a slack wider than the gap
+    wide = update_beside_its_independent_step(case, condition_slack=abs(s2 - s1) + 1.0)[3]  # a slack wider than the gap
+    assert wide["fp3o/condition_holds"] == 1.0
 
 
 @pytest.mark.parametrize("case, slack", [("holds", 1e-5), ("fails_no_condition", 1e-5), ("fails_within_slack", 20.0)])
 def test_after_a_dependent_step_the_update_logs_the_two_steps_mean_and_eq_11s_constraint(case, slack):
     """When the dependent step runs, the logged losses are the mean of the two steps' and fp3o/constraint_holds is the
     constraint of eq. 11 under pi_{k+1}: sum A^i rho^i prod_{m != i} r_{k+1}^m >= sum A^i rho^i - slack."""
-    actor, critic, opts, b, args, _ = update_setup(act_dims=(2, 3), no_condition=case == "fails_no_condition",
-                                                   condition_slack=slack)  # fmt: skip
-    if case != "holds":
-        b["adv"][1] = -b["adv"][0]
-    ref = copy.deepcopy((actor, critic, opts))
-    torch.manual_seed(7)
-    stats, diag = F.fp3o_update(actor, critic, opts, b, args)
-    torch.manual_seed(7)  # the same steps by hand
-    first = F.fp3o_step(*ref, b, (1.0, 1.0), args)
-    with torch.no_grad():
-        rho = (F.gaussian_log_prob(b["actions"], *ref[0](b["obs"]), b["act_mask"]) - b["logp"]).exp()
-    second = F.fp3o_step(*ref, b, F.fp3o_factors(rho, F.pipeline_partners(2)), args)
+    b, args, stats, diag, actor, ref, first, rho = update_beside_its_independent_step(
+        case, no_condition=case == "fails_no_condition", condition_slack=slack)
+    second = F.fp3o_step(*ref, b, F.fp3o_factors(rho, F.pipeline_partners(2)), args)  # the dependent step by hand
     assert diag["fp3o/condition_holds"] == float(case != "fails_no_condition") and same_weights(actor, ref[0])
     torch.testing.assert_close(stats, (first + second) / 2)
-    with torch.no_grad():
-        r_new = (F.gaussian_log_prob(b["actions"], *actor(b["obs"]), b["act_mask"]) - b["logp"]).exp()
+    r_new = batch_ratios(actor, b)
     s1, s2 = (b["adv"] * rho * r_new.flip(0)).sum(), (b["adv"] * rho).sum()  # two agents: the other's r_{k+1}
     assert diag["fp3o/constraint_holds"] == float(s1 >= s2 - slack)
 
