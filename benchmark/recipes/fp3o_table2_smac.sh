@@ -5,7 +5,7 @@
 # not in SMAX; IPPO has no SMAC script here. SMAX maps are easier than StarCraft II's: compare algorithms with each other, not with the paper.
 #
 #   bash benchmark/recipes/fp3o_table2_smac.sh            full budgets (1.3e9 environment steps in all)
-#   bash benchmark/recipes/fp3o_table2_smac.sh --quick    SMAX 2s3z, 3 seeds, 640k steps per run: ~65 min on 2 cores
+#   bash benchmark/recipes/fp3o_table2_smac.sh --quick    SMAX 2s3z, 3 seeds, 640k steps per run: ~70 min on 2 cores
 #
 # Other flags go to benchmark/sweep.py: --workers N, --dry-run, --slurm (job arrays instead of local runs), --track.
 # Runs finished before are skipped, so the recipe can be stopped and started again. A failed run does not stop the
@@ -29,10 +29,10 @@ STATUS=0
 
 if [ "$QUICK" = 1 ]; then
   # 2s3z x 3 algorithms x 3 sharing modes x 3 seeds = 27 runs of 200 iterations (3,200 steps each), two at a time.
-  # Measured on a 2-core machine (one torch thread per run, two runs at a time): 42 minutes for seeds 1-2, FP3O
-  # 260-475 s per run, HAPPO 243-305 s, MAPPO 178-309 s (benchmark/results/quick_smax/). QUICK_STEPS=... changes
-  # the budget (runs finished with another budget run again). Runs committed in the results folder's runs.csv count
-  # as finished, and the report merges them with the new ones.
+  # Measured on a 2-core machine (one torch thread per run, two runs at a time): 42 minutes for seeds 1-2 and 30 for
+  # seed 3; FP3O 260-516 s per run, HAPPO 243-386 s, MAPPO 178-360 s (benchmark/results/quick_smax/). QUICK_STEPS=...
+  # changes the budget (runs finished with another budget run again). Runs committed in the results folder's runs.csv
+  # count as finished, and the report merges them with the new ones.
   STEPS=${QUICK_STEPS:-640000}
   OUT=benchmark/sweeps/quick_smax
   RESULTS=benchmark/results/quick_smax
