@@ -291,8 +291,8 @@ def reach_tables(runs: List[RunLog], args: Args) -> List[str]:
             tag, _ = table_metric(task_runs, args.tag, args.stat)
             n_expected = len({r.seed for r in task_runs})
             what = "median over seeds (seeds that got there / seeds: each seed's steps)"
-            lines += [f"### Steps to the first `{tag}` >= {threshold:g}: {what}", "",
-                      "| task | sharing | " + " | ".join(algorithms) + " |", "|---|---|" + "---|" * len(algorithms)]  # fmt: skip
+            header = ["| task | sharing | " + " | ".join(algorithms) + " |", "|---|---|" + "---|" * len(algorithms)]
+            lines += [f"### Steps to the first `{tag}` >= {threshold:g}: {what}", "", *header]
             for sharing in sorted({r.sharing for r in task_runs}, key=lambda s: (SHARING_ORDER.get(s, 9), s)):
                 have = [r for r in task_runs if r.sharing == sharing and len(r.scalars.get(tag, ()))]
                 row_final = max((r.scalars[tag][-1, 0] for r in have), default=0)

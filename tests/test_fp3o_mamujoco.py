@@ -12,6 +12,7 @@ import math
 import re
 import shutil
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -703,9 +704,9 @@ def test_the_dependent_step_runs_when_the_condition_holds_or_is_ignored(case):
 
 def update_beside_its_independent_step(case, **kw):
     """Two agents, the same advantage for both when case == "holds", else opposite ones: fp3o_update on update_setup's
-    networks, and on a copy of them the independent step alone with the same random minibatches. Returns (the batch,
-    args, the update's stats and diagnostics, the updated actor, the copy (actor, critic, opts) after the independent
-    step, that step's stats, rho = pi_{k+0.5} / pi_k)."""
+    networks, and on a copy of them the independent step alone with the same random minibatches. Returns the batch b,
+    args, the update's stats and diag, the updated actor, the copy ref = (actor, critic, opts) after the independent
+    step, that step's stats `first` and rho = pi_{k+0.5} / pi_k."""
     actor, critic, opts, b, args, _ = update_setup(act_dims=(2, 3), **kw)
     if case != "holds":
         b["adv"][1] = -b["adv"][0]
@@ -714,31 +715,33 @@ def update_beside_its_independent_step(case, **kw):
     stats, diag = F.fp3o_update(actor, critic, opts, b, args)
     torch.manual_seed(7)
     first = F.fp3o_step(*ref, b, (1.0, 1.0), args)
-    return b, args, stats, diag, actor, ref, first, batch_ratios(ref[0], b)
+    return SimpleNamespace(b=b, args=args, stats=stats, diag=diag, actor=actor, ref=ref, first=first,
+                           rho=batch_ratios(ref[0], b))  # fmt: skip
 
 
 @pytest.mark.parametrize("case", ["holds", "fails"])
 def test_the_condition_is_logged_with_this_batchs_intermediate_ratios_and_the_slack_of_args(case):
     """Algorithm 1 line 7, logged as fp3o/S1 and fp3o/S2: S1 = sum A^i prod_m rho^m against S2 = sum A^i rho^i with
     rho = pi_{k+0.5} / pi_k under the actor that the independent step left; --condition-slack moves the threshold."""
-    b, _, _, diag, _, _, _, rho = update_beside_its_independent_step(case)
+    run = update_beside_its_independent_step(case)
+    b, diag, rho = run.b, run.diag, run.rho
     s1, s2 = (b["adv"] * rho.prod(0)).sum().item(), (b["adv"] * rho).sum().item()
     assert (diag["fp3o/S1"], diag["fp3o/S2"]) == pytest.approx((s1, s2), rel=1e-5)
     assert diag["fp3o/condition_holds"] == float(s1 >= s2 - 1e-5) == float(case == "holds")
-    wide = update_beside_its_independent_step(case, condition_slack=abs(s2 - s1) + 1.0)[3]  # a slack wider than the gap
-    assert wide["fp3o/condition_holds"] == 1.0
+    wide = update_beside_its_independent_step(case, condition_slack=abs(s2 - s1) + 1.0)  # a slack wider than the gap
+    assert wide.diag["fp3o/condition_holds"] == 1.0
 
 
 @pytest.mark.parametrize("case, slack", [("holds", 1e-5), ("fails_no_condition", 1e-5), ("fails_within_slack", 20.0)])
 def test_after_a_dependent_step_the_update_logs_the_two_steps_mean_and_eq_11s_constraint(case, slack):
     """When the dependent step runs, the logged losses are the mean of the two steps' and fp3o/constraint_holds is the
     constraint of eq. 11 under pi_{k+1}: sum A^i rho^i prod_{m != i} r_{k+1}^m >= sum A^i rho^i - slack."""
-    b, args, stats, diag, actor, ref, first, rho = update_beside_its_independent_step(
-        case, no_condition=case == "fails_no_condition", condition_slack=slack)
-    second = F.fp3o_step(*ref, b, F.fp3o_factors(rho, F.pipeline_partners(2)), args)  # the dependent step by hand
-    assert diag["fp3o/condition_holds"] == float(case != "fails_no_condition") and same_weights(actor, ref[0])
-    torch.testing.assert_close(stats, (first + second) / 2)
-    r_new = batch_ratios(actor, b)
+    run = update_beside_its_independent_step(case, no_condition=case == "fails_no_condition", condition_slack=slack)
+    b, diag, rho = run.b, run.diag, run.rho
+    second = F.fp3o_step(*run.ref, b, F.fp3o_factors(rho, F.pipeline_partners(2)), run.args)  # the dependent step by hand
+    assert diag["fp3o/condition_holds"] == float(case != "fails_no_condition") and same_weights(run.actor, run.ref[0])
+    torch.testing.assert_close(run.stats, (run.first + second) / 2)
+    r_new = batch_ratios(run.actor, b)
     s1, s2 = (b["adv"] * rho * r_new.flip(0)).sum(), (b["adv"] * rho).sum()  # two agents: the other's r_{k+1}
     assert diag["fp3o/constraint_holds"] == float(s1 >= s2 - slack)
 
