@@ -151,7 +151,7 @@ def check_args(args: Args):
         fail(f"--video-episodes ({args.video_episodes}) must not exceed --eval-episodes ({args.eval_episodes})")
     if args.capture_video:
         try:
-            import imageio_ffmpeg, moviepy  # noqa: F401, E401  (the encoders of record())
+            __import__("imageio_ffmpeg"), __import__("moviepy")  # the encoders of record()
         except ImportError:
             fail("--capture-video needs imageio-ffmpeg and moviepy to write videos: pip install -r requirements.txt")
 

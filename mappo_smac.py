@@ -305,7 +305,8 @@ class SmaxEnvs:
             ax.text(x, y, env.unit_type_shorthands[kind], ha="center", va="center", fontsize=7)
             a = int(s.prev_attack_actions[u]) - env.num_movement_actions  # the target, counted from the other team's side
             if a >= 0:
-                ax.plot(*zip((x, y), s.unit_positions[env.num_allies + a if ally else env.num_allies - 1 - a]), "k", lw=0.6)
+                tx, ty = s.unit_positions[env.num_allies + a if ally else env.num_allies - 1 - a]
+                ax.plot([x, tx], [y, ty], "k", lw=0.6)
         fig.canvas.draw()
         frame = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
         plt.close(fig)
