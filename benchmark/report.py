@@ -10,6 +10,8 @@ TensorBoard's EventAccumulator. Written to --out-dir:
                    (Agarwal et al., NeurIPS 2021): the interquartile mean over seeds with a 95% stratified-bootstrap
                    confidence interval, and the probability of improvement of fp3o over each other algorithm;
                    with --reach, the steps to the first value at or above a threshold (median over seeds)
+  seeds_<task>__<tag>.png    with --per-seed: one panel per sharing mode (rows) and algorithm (columns), a curve per
+                   seed against environment steps
   curves_<task>__<tag>.png   mean and spread over seeds per algorithm, one panel per sharing mode, against
                    environment steps; ..__seconds.png against wall-clock seconds from the run's first event;
                    ..__gradient_steps.png against the actor optimiser steps of `charts/gradient_steps`
@@ -65,6 +67,9 @@ class Args:
     """decimals of the table's values"""
     plot_tags: List[str] = field(default_factory=list)
     """tags to plot (default: the table's tag of each task)"""
+    per_seed: List[str] = field(default_factory=list)
+    """tags to plot seed by seed (appendix F.2 of the FP3O paper): one panel per algorithm and sharing mode, each seed
+    its own curve, so that a seed stuck at 0% shows instead of being averaged away"""
     band: Literal["std", "minmax", "none"] = "std"
     """the spread around the mean curve: +- std over seeds, min to max, or none"""
     csv_tags: List[str] = field(default_factory=list)
@@ -462,6 +467,60 @@ def plot_curves(runs: List[RunLog], args: Args) -> List[str]:
     return written
 
 
+def seed_panels(runs: List[RunLog], tag: str, algorithms: List[str]) -> Dict[tuple, List[tuple]]:
+    """{(sharing, algorithm): [(seed, steps, values), ...]}: each run's own curve of `tag`, by panel, sharing modes in
+    the order full, partial, none and algorithms in the given order."""
+    panels = {}
+    sharings = sorted({r.sharing for r in runs}, key=lambda s: (SHARING_ORDER.get(s, 9), s))
+    for sharing in sharings:
+        for alg in algorithms:
+            curves = [(r.seed, r.scalars[tag][:, 0], r.scalars[tag][:, 1]) for r in runs
+                      if r.sharing == sharing and r.algorithm == alg and len(r.scalars.get(tag, []))]
+            if curves:
+                panels[(sharing, alg)] = sorted(curves, key=lambda c: c[0])
+    return panels
+
+
+def plot_seeds(runs: List[RunLog], args: Args) -> List[str]:
+    """--per-seed: every seed's own curve of each tag, one panel per sharing mode (row) and algorithm (column)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    algorithms = args.algorithms or list(dict.fromkeys(r.algorithm for r in runs))
+    for task in dict.fromkeys(r.task for r in runs):
+        task_runs = [r for r in runs if r.task == task and r.algorithm in algorithms]
+        seeds = sorted({r.seed for r in task_runs})
+        for tag in args.per_seed:
+            panels = seed_panels(task_runs, tag, algorithms)
+            if not panels:
+                continue
+            rows = list(dict.fromkeys(sharing for sharing, _ in panels))
+            columns = [a for a in algorithms if any(alg == a for _, alg in panels)]
+            fig, axes = plt.subplots(len(rows), len(columns), figsize=(3.2 * len(columns), 2.6 * len(rows)), sharex=True,
+                                     sharey=True, squeeze=False)
+            for (sharing, alg), curves in panels.items():
+                ax = axes[rows.index(sharing)][columns.index(alg)]
+                for seed, steps, values in curves:
+                    ax.plot(steps, values, label=f"seed {seed}", color=f"C{seeds.index(seed)}", lw=1.2)
+                ax.legend(fontsize=7)
+            for i, sharing in enumerate(rows):
+                for j, alg in enumerate(columns):
+                    axes[i][j].set_title(f"{alg}, sharing {sharing}", fontsize=9)
+                    axes[i][j].grid(alpha=0.3)
+                axes[i][0].set_ylabel(tag)
+            for ax in axes[-1]:
+                ax.set_xlabel(X_AXES["steps"])
+            path = os.path.join(args.out_dir, f"seeds_{task}__{re.sub(r'[^A-Za-z0-9]+', '_', tag)}.png")
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+            written.append(path)
+            plt.close(fig)
+    return written
+
+
 def write_csvs(runs: List[RunLog], args: Args):
     patterns = [re.compile(p) for p in args.csv_tags]
     with open(os.path.join(args.out_dir, "scalars.csv"), "w", newline="") as f:
@@ -508,7 +567,7 @@ def main(args: Args, cli: Optional[List[str]] = None):
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:
         f.write("\n".join(header + lines + footer))
     write_csvs(runs, args)
-    pngs = plot_curves(runs, args)
+    pngs = plot_curves(runs, args) + plot_seeds(runs, args)
     print("\n".join(lines + footer))
     print(f"wrote {args.out_dir}/table.md, scalars.csv, runs.csv and {len(pngs)} plots")
 

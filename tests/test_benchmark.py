@@ -725,3 +725,18 @@ def test_watch_renders_a_saved_fp3o_policy_as_the_script_evaluates_it(tmp_path):
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
     assert [e.step for e in events.Images("videos/episode_1")] == [400]
+
+
+def test_report_per_seed_curves_keep_every_seed_apart(synthetic, tmp_path):
+    runs = report.find_runs([str(synthetic)])
+    panels = report.seed_panels([r for r in runs if r.task == "2s3z"], "eval/win_rate", ["fp3o", "mappo"])
+    assert list(panels) == [(s, a) for s in ("full", "none") for a in ("fp3o", "mappo")]
+    for (sharing, alg), curves in panels.items():
+        assert [seed for seed, _, _ in curves] == [1, 2, 3]  # mappo/none's seed 3 crashed at 40k: its curve stays
+        for seed, steps, values in curves:
+            run = next(r for r in runs if r.run == f"{alg}__2s3z__{sharing}__{seed}")
+            np.testing.assert_array_equal(values, run.scalars["eval/win_rate"][:, 1])  # the seed's own values, not a mean
+            np.testing.assert_array_equal(steps, run.scalars["eval/win_rate"][:, 0])
+    report.main(report.Args(sweeps=[str(synthetic)], out_dir=str(tmp_path), per_seed=["eval/win_rate"], bootstrap_reps=10))
+    assert (tmp_path / "seeds_2s3z__eval_win_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "seeds_HalfCheetah-6x1__eval_win_rate.png").exists()  # no such tag there
