@@ -581,8 +581,8 @@ def test_throughput_reports_a_failing_run(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # recipes (dry runs: the commands only)
 # ---------------------------------------------------------------------------------------------------------------------
-def recipe_commands(recipe, *flags):
-    proc = subprocess.run(["bash", str(ROOT / "benchmark" / "recipes" / recipe), "--dry-run", *flags], env=script_env(),
+def recipe_commands(recipe, *flags, env=None):
+    proc = subprocess.run(["bash", str(ROOT / "benchmark" / "recipes" / recipe), "--dry-run", *flags], env=script_env(env),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, describe(proc)
     return [line for line in proc.stdout.splitlines() if line.startswith(("[run ]", "[done]"))]
@@ -601,8 +601,23 @@ def test_recipe_table2_smac_budgets():
 
 def test_recipe_smax_3s5z_study():
     runs = recipe_commands("smax_3s5z_study.sh")
-    assert len(runs) == 3 * 2 * 3 and all("--map 3s5z" in c and "--total-timesteps 1500000" in c for c in runs)
+    assert len(runs) == 3 * 2 * 3 + 3 and all("--map 3s5z" in c and "--total-timesteps 1500000" in c for c in runs)
     assert {re.search(r"--sharing (\w+) ", c).group(1) for c in runs} == {"partial", "none"}
+    matched = [c for c in runs if "--update-epochs 10" in c]  # compute-matched MAPPO, partial sharing, 3 seeds
+    assert len(matched) == 3 and all("/mappo-e10__3s5z__partial__" in c and "mappo_smac.py" in c for c in matched)
+
+
+def test_recipe_smax_6h_vs_8z_study():
+    runs = recipe_commands("smax_6h_vs_8z_study.sh")
+    assert len(runs) == 5 * 3 + 3 * 3 and all("--map 6h_vs_8z" in c and "--total-timesteps 3000000" in c for c in runs)
+    # the scripts take table E.5's clip and actor for the map: the recipe passes neither
+    assert not any(flag in c for c in runs for flag in ("--clip-coef", "--actor"))
+    rows = {(re.search(r"/([\w-]+)__6h_vs_8z__(\w+)__\d", c).groups()) for c in runs}
+    assert rows == {(a, "partial") for a in ("fp3o", "mappo", "happo", "fp3o-indep", "mappo-e10")} | {
+        (a, "none") for a in ("fp3o", "mappo", "happo")}
+    assert all("--no-dependent-step" in c for c in runs if "/fp3o-indep__" in c)
+    assert all("--update-epochs 10" in c for c in runs if "/mappo-e10__" in c)
+    assert len(recipe_commands("smax_6h_vs_8z_study.sh", env={"SEEDS": "1 2 3 4 5"})) == 8 * 5
 
 
 def test_recipe_table1_mamujoco_tasks():

@@ -4,9 +4,11 @@
 # 1.5M is the budget by which FP3O won most SMAX 3s5z evaluation games under partial sharing in earlier runs on this
 # machine, so it can show which algorithm gets there and which does not, at about half an hour of one core per run
 # (~800 steps/s with a second run beside it). Rows at 0.5M and 1M show the speed of learning on the way.
+# Compute-matched baseline: MAPPO with --update-epochs 10 ("mappo-e10") under partial sharing, as many optimiser steps
+# per sample as FP3O's two steps of 5 epochs.
 #
-#   bash benchmark/recipes/smax_3s5z_study.sh               18 runs, two at a time (~5 h on 2 cores)
-#   FULL=1 bash benchmark/recipes/smax_3s5z_study.sh        27 runs
+#   bash benchmark/recipes/smax_3s5z_study.sh               21 runs, two at a time (~5.5 h on 2 cores)
+#   FULL=1 bash benchmark/recipes/smax_3s5z_study.sh        30 runs
 #   bash benchmark/recipes/smax_3s5z_study.sh --workers 1   one run at a time (other flags go to benchmark/sweep.py)
 #
 # Runs finished before are skipped (those in the sweep folder and those committed in the results folder's runs.csv), so
@@ -29,6 +31,9 @@ EARLIER=()
 STATUS=0
 [ "${REPORT_ONLY:-0}" = 1 ] || $PY benchmark/sweep.py --out "$OUT" --scripts fp3o_smac.py mappo_smac.py happo_smac.py --tasks 3s5z \
   --sharing "${SHARING[@]}" --seeds 1 2 3 --args="--total-timesteps $STEPS --eval-interval 20" "${EARLIER[@]}" "$@" || STATUS=1
+[ "${REPORT_ONLY:-0}" = 1 ] || $PY benchmark/sweep.py --out "$OUT" --scripts "mappo-e10=mappo_smac.py --update-epochs 10" \
+  --tasks 3s5z --sharing partial --seeds 1 2 3 --args="--total-timesteps $STEPS --eval-interval 20" "${EARLIER[@]}" "$@" \
+  || STATUS=1
 case " $* " in *" --dry-run "* | *" --slurm "*) exit $STATUS ;; esac
 [ -f "$RESULTS/runs.csv" ] && EARLIER=(--previous "$RESULTS")
 mkdir -p "$OUT"
