@@ -37,6 +37,11 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"jax-cache-pytest-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# The suite tests the CPU path whatever the machine has: CUDA is hidden from this process (torch and jax initialise it
+# lazily, after this) and from the scripts it starts. A test about the device gives run_script `env=ON_DEVICE`: the
+# devices the suite was started with (None: CUDA_VISIBLE_DEVICES was unset, and script_env removes it).
+ON_DEVICE = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 SCRIPT_TIMEOUT = int(os.environ.get("TEST_SCRIPT_TIMEOUT", "600"))
 SCRIPT_JOBS = int(os.environ.get("TEST_SCRIPT_JOBS", "2"))  # concurrent subprocesses in run_scripts
@@ -55,7 +60,11 @@ def script_env(extra: Optional[dict] = None) -> dict:
     env.setdefault("WANDB_MODE", "offline")  # never reach the network, even if a test forgets
     env.setdefault("WANDB_SILENT", "true")
     env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
+    for key, value in (extra or {}).items():
+        if value is None:
+            env.pop(key, None)  # e.g. ON_DEVICE's unset CUDA_VISIBLE_DEVICES
+        else:
+            env[key] = value
     return env
 
 
