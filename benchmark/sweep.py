@@ -18,6 +18,7 @@ Usage:
       --args="--total-timesteps 500000 --eval-interval 10" --out benchmark/sweeps/2s3z --workers 2
   ... --dry-run     print the commands, run nothing
   ... --slurm       write OUT/slurm/<name>.sbatch (one array task per unfinished run) instead of running
+  ... --gpus auto   spread the runs over this machine's GPUs (CUDA_VISIBLE_DEVICES per run; --workers 8 on 4 GPUs: 2 each)
 """
 import csv
 import datetime
@@ -32,7 +33,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import List, Optional
 
 import tyro
@@ -63,8 +64,12 @@ class Args:
     """the Python interpreter that runs the scripts"""
     workers: int = 2
     """runs at a time"""
+    gpus: List[str] = field(default_factory=list)
+    """GPUs to spread the runs over: ids (`--gpus 0 1 2 3`) or `auto` (those CUDA_VISIBLE_DEVICES or nvidia-smi lists).
+    Each run starts with CUDA_VISIBLE_DEVICES set to the GPU running the fewest runs (round robin when all start at
+    once), so --workers 8 on 4 GPUs runs 2 per GPU; recorded in record.json's env. Empty: the runs see what the sweep sees"""
     torch_threads: int = 1
-    """`--torch-threads N` (and OMP_NUM_THREADS=N) for every run, unless the command already sets --torch-threads; 0: neither"""
+    """`--torch-threads N` (and OMP_NUM_THREADS=N) for every run, unless the command sets --torch-threads; 0: neither"""
     progress_bar: bool = False
     """keep the scripts' progress bars (by default `--no-progress-bar` is added: bars fill the log files)"""
     timeout: float = 0.0
@@ -96,6 +101,8 @@ class Args:
     """`--time` limit per array task"""
     slurm_partition: Optional[str] = None
     """`--partition`"""
+    slurm_gpus: int = 0
+    """GPUs per array task (`#SBATCH --gres=gpu:N`; Slurm sets the task's CUDA_VISIBLE_DEVICES, recorded in record.json)"""
     slurm_directives: List[str] = field(default_factory=list)
     """more `#SBATCH` options, e.g. --slurm-directives="--account=abc" "--qos=long" """
     slurm_setup: str = ""
@@ -187,17 +194,51 @@ def build_runs(args: Args, out: str) -> List[Run]:
                         command.append("--no-progress-bar")
                     if args.track:
                         command += [] if has_flag(command, "--track") else ["--track"]
-                        wandb_flags = (("--wandb-project-name", args.wandb_project_name), ("--wandb-entity", args.wandb_entity))
+                        wandb_flags = ("--wandb-project-name", args.wandb_project_name), ("--wandb-entity", args.wandb_entity)
                         for flag, value in wandb_flags:
                             if value and not has_flag(command, flag):
                                 command += [flag, value]
                         # read by wandb.init when a script passes no tags / group of its own
-                        env.update(WANDB_TAGS=f"{algorithm},{sharing},{task}", WANDB_RUN_GROUP=f"{task}__{algorithm}__{sharing}")
+                        env.update(WANDB_TAGS=f"{algorithm},{sharing},{task}")
+                        env.update(WANDB_RUN_GROUP=f"{task}__{algorithm}__{sharing}")
                     run_id = f"{algorithm}__{task}__{sharing}__{seed}"
                     runs.append(Run(run_id, algorithm, path, task, sharing, seed, command, os.path.join(out, run_id), env))
     if len({r.id for r in runs}) != len(runs):
         fail("two runs have the same folder: repeated seeds or sharing modes?")
     return runs
+
+
+def visible_gpus() -> List[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES's entries up to the first invalid one, if it is set, else
+    nvidia-smi's indices (none without nvidia-smi)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        gpus = []
+        for entry in (x.strip() for x in listed.split(",")):
+            if not entry or entry.startswith("-"):  # CUDA stops at an invalid entry; "" and "-1" hide every GPU
+                break
+            gpus.append(entry)
+        return gpus
+    query = ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"]
+    try:
+        proc = subprocess.run(query, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return proc.stdout.split() if proc.returncode == 0 else []
+
+
+def resolve_gpus(args: Args) -> List[str]:
+    """--gpus as a list of device ids (empty: no assignment)."""
+    if not args.gpus:
+        return []
+    if args.slurm:
+        fail("--gpus spreads the local workers over GPUs; on Slurm ask for them with --slurm-gpus N (Slurm assigns them)")
+    gpus = visible_gpus() if args.gpus == ["auto"] else [g.strip() for g in args.gpus]
+    if not gpus:
+        fail("--gpus auto found no GPU (CUDA_VISIBLE_DEVICES hides them all, or nvidia-smi lists none)")
+    if "auto" in gpus or any(not g or "," in g for g in gpus) or len(set(gpus)) != len(gpus):
+        fail(f"--gpus takes `auto` alone or distinct device ids (e.g. --gpus 0 1), not {args.gpus}")
+    return gpus
 
 
 def read_record(run_dir: str) -> Optional[dict]:
@@ -248,6 +289,7 @@ def base_env(out: str) -> dict:
     # one compilation cache for the whole sweep: SMAX's jitted step compiles once per map and batch size
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(out, ".jax_cache"))
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several runs share a GPU: jax takes what it needs only
     return env
 
 
@@ -300,16 +342,30 @@ def execute(run: Run, out: str, timeout_h: float = 0.0, running: Optional[dict] 
     return record
 
 
-def run_pool(runs: List[Run], out: str, workers: int, timeout_h: float) -> List[dict]:
-    """Run with `workers` at a time; Ctrl-C or SIGTERM stops the running scripts (their records say interrupted)."""
+def run_pool(runs: List[Run], out: str, workers: int, timeout_h: float, gpus: List[str] = ()) -> List[dict]:
+    """Run with `workers` at a time, each run on the GPU of `gpus` running the fewest runs when it starts (ties: the
+    first listed); Ctrl-C or SIGTERM stops the running scripts (their records say interrupted)."""
     running, records, lock = {}, [], threading.Lock()
+    busy = {gpu: 0 for gpu in gpus}
+
+    def on_gpu(run: Run) -> dict:
+        if not gpus:
+            return execute(run, out, timeout_h, running)
+        with lock:
+            gpu = min(gpus, key=lambda g: busy[g])
+            busy[gpu] += 1
+        try:
+            return execute(replace(run, env={**run.env, "CUDA_VISIBLE_DEVICES": gpu}), out, timeout_h, running)
+        finally:
+            with lock:
+                busy[gpu] -= 1
 
     def stop(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)  # the runs have sessions of their own: a stopped sweep stops them itself
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
-    futures = {pool.submit(execute, run, out, timeout_h, running): run for run in runs}
+    futures = {pool.submit(on_gpu, run): run for run in runs}
     try:
         for fut in as_completed(futures):
             record = fut.result()
@@ -339,15 +395,16 @@ def slurm_script(args: Args, runs: List[Run], out: str) -> str:
     os.makedirs(folder, exist_ok=True)
     run_list = os.path.join(folder, f"{name}.json")
     with open(run_list, "w") as f:
-        json.dump(dict(out=out, timeout_h=args.timeout, runs=[asdict(r) for r in runs]), f, indent=1)
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --array=0-{len(runs) - 1}%{max(1, args.slurm_parallel)}",
-             f"#SBATCH --cpus-per-task={args.slurm_cpus}", f"#SBATCH --mem={args.slurm_mem}", f"#SBATCH --time={args.slurm_time}",
-             f"#SBATCH --output={os.path.join(folder, name)}_%a.out"]  # fmt: skip
+        json.dump(dict(out=out, timeout_h=args.timeout, gpus=args.slurm_gpus, runs=[asdict(r) for r in runs]), f, indent=1)
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --array=0-{len(runs) - 1}%{max(1, args.slurm_parallel)}"]
+    lines += [f"#SBATCH --cpus-per-task={args.slurm_cpus}", f"#SBATCH --mem={args.slurm_mem}"]
+    lines += [f"#SBATCH --time={args.slurm_time}", f"#SBATCH --output={os.path.join(folder, name)}_%a.out"]
     lines += [f"#SBATCH --partition={args.slurm_partition}"] if args.slurm_partition else []
+    lines += [f"#SBATCH --gres=gpu:{args.slurm_gpus}"] if args.slurm_gpus > 0 else []
     lines += [f"#SBATCH {d}" for d in args.slurm_directives]
     lines += ["# Written by benchmark/sweep.py --slurm. Submit: sbatch " + shlex.quote(os.path.join(folder, name + ".sbatch")),
               "# Array task i runs run i of the run list below in its folder (log.txt, record.json, runs/), exactly as the",
-              "# local runner does; a finished run (record.json with exit status 0, same command) is skipped. Runs:"]  # fmt: skip
+              "# local runner does; a finished run (record.json with exit status 0, same command) is skipped. Runs:"]
     lines += [f"#   {i}: {r.id}: {shlex.join(r.command)}" for i, r in enumerate(runs)]
     lines += ["set -euo pipefail", f"cd {shlex.quote(ROOT)}"] + ([args.slurm_setup] if args.slurm_setup else [])
     lines += [f"exec {shlex.quote(args.python)} {shlex.quote(os.path.abspath(__file__))} --run-list {shlex.quote(run_list)} "
@@ -368,6 +425,8 @@ def run_from_list(path: str, index: int):
     if is_finished(run):
         print(f"{run.id}: finished before, skipped")
         sys.exit(0)
+    if spec.get("gpus", 0) > 0:  # the devices Slurm gave this task, for the record
+        run = replace(run, env={**run.env, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
     record = execute(run, spec["out"], spec.get("timeout_h", 0.0))
     print(f"{run.id}: {record['state']} (exit {record['status']}) after {record['duration_s']:.0f} s; log {record['log']}")
     sys.exit(0 if record["status"] == 0 else 1)
@@ -379,10 +438,14 @@ def main(args: Args):
             fail("--run-list needs --run-index")
         return run_from_list(args.run_list, args.run_index)
     out = os.path.abspath(args.out)
+    gpus = resolve_gpus(args)
     runs = build_runs(args, out)
     reported = read_finished(args.finished_in)
     todo = [r for r in runs if args.force or not is_finished(r, reported)]
     print(f"sweep {out}: {len(runs)} runs, {len(runs) - len(todo)} finished before, {len(todo)} to run", flush=True)
+    if gpus:
+        per_gpu = -(-max(1, args.workers) // len(gpus))
+        print(f"GPUs {' '.join(gpus)}: each run gets the least busy one (CUDA_VISIBLE_DEVICES), at most {per_gpu} per GPU")
     if args.dry_run:
         for r in runs:
             mark = "run " if r in todo else "done"
@@ -396,9 +459,11 @@ def main(args: Args):
         path = slurm_script(args, todo, out)
         print(f"wrote {path} ({len(todo)} array tasks); submit with: sbatch {shlex.quote(path)}")
         return
-    records = run_pool(todo, out, args.workers, args.timeout)
+    records = run_pool(todo, out, args.workers, args.timeout, gpus)
     failed = [r for r in records if r["status"] != 0]
-    print(f"done: {len(records) - len(failed)} ok, {len(failed)} failed" + "".join(f"\n  {r['id']}: {r['log']}" for r in failed))
+    print(f"done: {len(records) - len(failed)} ok, {len(failed)} failed", flush=True)
+    for r in failed:
+        print(f"  {r['id']}: {r['log']}")
     if failed:
         sys.exit(1)
 

@@ -301,7 +301,8 @@ def test_report_cli_on_plain_runs_folder(tmp_path):
 # sweep.py with a fake script
 # ---------------------------------------------------------------------------------------------------------------------
 FAKE_TRAINER = '''
-"""Fake training script: records how it was called, writes one TensorBoard scalar, fails for seeds in fail_seeds.txt."""
+"""Fake training script: records how it was called, writes one TensorBoard scalar, fails for seeds in fail_seeds.txt;
+with sleep.txt, runs that many seconds and appends its GPU, start and end to spans.jsonl."""
 import argparse, json, os, sys, time
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -315,13 +316,20 @@ a = p.parse_args()
 here = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(here, "calls.jsonl"), "a") as f:
     f.write(json.dumps(dict(argv=sys.argv[1:], cwd=os.getcwd(), omp=os.environ.get("OMP_NUM_THREADS"),
-                            tags=os.environ.get("WANDB_TAGS"), group=os.environ.get("WANDB_RUN_GROUP"))) + "\\n")
+                            tags=os.environ.get("WANDB_TAGS"), group=os.environ.get("WANDB_RUN_GROUP"),
+                            gpu=os.environ.get("CUDA_VISIBLE_DEVICES"))) + "\\n")
 w = EventFileWriter(f"runs/{a.map}__fake_smac__{a.sharing}__{a.seed}__{int(time.time())}")
 value = summary_pb2.Summary.Value(tag="eval/win_rate", simple_value=int(a.seed) / 10)
 w.add_event(event_pb2.Event(wall_time=time.time(), step=1000, summary=summary_pb2.Summary(value=[value])))
 w.close()
 print(f"trained seed {a.seed}")
-fail = open(os.path.join(here, "fail_seeds.txt")).read().split() if os.path.exists(os.path.join(here, "fail_seeds.txt")) else []
+if os.path.exists(os.path.join(here, "sleep.txt")):
+    start = time.time()
+    time.sleep(float(open(os.path.join(here, "sleep.txt")).read()))
+    with open(os.path.join(here, "spans.jsonl"), "a") as f:
+        f.write(json.dumps(dict(gpu=os.environ.get("CUDA_VISIBLE_DEVICES"), start=start, end=time.time())) + "\\n")
+failing = os.path.join(here, "fail_seeds.txt")
+fail = open(failing).read().split() if os.path.exists(failing) else []
 sys.exit(1 if a.seed in fail else 0)
 '''
 
@@ -385,13 +393,14 @@ def test_sweep_runs_records_and_skips_finished_runs(fake, tmp_path):
     proc = run_tool("sweep.py", *common, "--seeds", "1", "--sharing", "full", "--force", cwd=tmp_path)
     assert proc.returncode == 0 and len(calls(fake)) == 7, describe(proc)
     # another budget is another run: a finished run whose command changed runs again, its output kept aside
-    proc = run_tool("sweep.py", *common[:-1], "--args=--total-timesteps 2000", "--seeds", "1", "--sharing", "full", cwd=tmp_path)
+    budget = "--args=--total-timesteps 2000"
+    proc = run_tool("sweep.py", *common[:-1], budget, "--seeds", "1", "--sharing", "full", cwd=tmp_path)
     assert proc.returncode == 0 and "0 finished before, 1 to run" in proc.stdout, describe(proc)
     assert calls(fake)[-1]["argv"][6:8] == ["--total-timesteps", "2000"]
     rec = records(out)["fake__2s3z__full__1"]
     assert "--total-timesteps 2000" in rec["command_line"] and rec["attempt"] == 3
     assert (out / "fake__2s3z__full__1" / "runs.attempt2").is_dir()
-    proc = run_tool("sweep.py", *common[:-1], "--args=--total-timesteps 2000", "--seeds", "1", "--sharing", "full", cwd=tmp_path)
+    proc = run_tool("sweep.py", *common[:-1], budget, "--seeds", "1", "--sharing", "full", cwd=tmp_path)
     assert proc.returncode == 0 and "1 finished before, 0 to run" in proc.stdout, describe(proc)
     proc = run_tool("sweep.py", *common, "--seeds", "1", "--sharing", "full", cwd=tmp_path)  # back to 1000: runs again
     assert proc.returncode == 0 and "0 finished before, 1 to run" in proc.stdout and len(calls(fake)) == 9, describe(proc)
@@ -458,6 +467,56 @@ def test_sweep_slurm_job_array(fake, tmp_path):
     proc = subprocess.run(["bash", str(out / "slurm" / "study.sbatch")], env=script_env({"SLURM_ARRAY_TASK_ID": "1"}),
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0 and "skipped" in proc.stdout and len(calls(fake)) == 2, describe(proc)
+
+
+def most_at_once(spans) -> int:
+    """The most of these (start, end) intervals that overlap at one instant."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
+    level, most = 0, 0
+    for _, step in events:
+        level += step
+        most = max(most, level)
+    return most
+
+
+def test_sweep_spreads_runs_over_gpus(fake, tmp_path):
+    """--gpus: every run gets one GPU in CUDA_VISIBLE_DEVICES (recorded), the least busy one, so 4 workers on 2 GPUs run
+    2 per GPU and never 3; `auto` reads the GPUs the sweep sees; on Slurm --slurm-gpus asks for them per array task."""
+    out = tmp_path / "sweep"
+    common = ["--scripts", fake, "--tasks", "2s3z", "--sharing", "full", "--out", out]
+    (fake.parent / "sleep.txt").write_text("3")
+    proc = run_tool("sweep.py", *common, "--seeds", *range(1, 7), "--workers", 4, "--gpus", "0", "1", cwd=tmp_path)
+    assert proc.returncode == 0 and "GPUs 0 1: " in proc.stdout and "at most 2 per GPU" in proc.stdout, describe(proc)
+    recs = records(out)
+    assert len(recs) == 6 and {r["env"]["CUDA_VISIBLE_DEVICES"] for r in recs.values()} == {"0", "1"}
+    for call in calls(fake):  # each run saw the GPU its record names
+        assert call["gpu"] == recs[Path(call["cwd"]).name]["env"]["CUDA_VISIBLE_DEVICES"]
+    spans = [json.loads(line) for line in (fake.parent / "spans.jsonl").read_text().splitlines()]
+    per_gpu = {g: [(x["start"], x["end"]) for x in spans if x["gpu"] == g] for g in ("0", "1")}
+    assert {g: most_at_once(s) for g, s in per_gpu.items()} == {"0": 2, "1": 2}, per_gpu  # several per GPU, never 3
+
+    (fake.parent / "sleep.txt").unlink()
+    auto = run_tool("sweep.py", *common, "--seeds", 7, 8, "--gpus", "auto", cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": "5,3"})
+    assert auto.returncode == 0 and "GPUs 5 3: " in auto.stdout, describe(auto)
+    assert {recs["env"]["CUDA_VISIBLE_DEVICES"] for recs in records(out).values() if recs["seed"] > 6} == {"5", "3"}
+    without = run_tool("sweep.py", *common, "--seeds", 10, 11, cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": "7"})
+    assert without.returncode == 0 and "GPUs" not in without.stdout, describe(without)
+    assert [c["gpu"] for c in calls(fake)[-2:]] == ["7", "7"]  # without --gpus the runs see what the sweep sees
+    assert all("CUDA_VISIBLE_DEVICES" not in r["env"] for r in records(out).values() if r["seed"] >= 10)
+    bad_flags = [(["--gpus", "auto"], "found no GPU"), (["--gpus", "0", "0"], "distinct device ids"),
+                 (["--gpus", "0", "--slurm"], "--slurm-gpus")]
+    for bad, says in bad_flags:
+        proc = run_tool("sweep.py", *common, "--seeds", 9, *bad, cwd=tmp_path)  # the suite hides every GPU
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and says in proc.stderr, describe(proc)
+        assert "Traceback" not in proc.stderr
+
+    proc = run_tool("sweep.py", *common, "--seeds", 9, "--slurm", "--slurm-gpus", 1, "--slurm-name", "gpu", cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "--gres=gpu:1" in re.findall(r"^#SBATCH (.*)$", (out / "slurm" / "gpu.sbatch").read_text(), re.M)
+    env = script_env({"SLURM_ARRAY_TASK_ID": "0", "CUDA_VISIBLE_DEVICES": "2"})  # as Slurm starts a task given GPU 2
+    proc = subprocess.run(["bash", str(out / "slurm" / "gpu.sbatch")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and calls(fake)[-1]["gpu"] == "2", describe(proc)
+    assert records(out)["fake__2s3z__full__9"]["env"]["CUDA_VISIBLE_DEVICES"] == "2"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
