@@ -10,7 +10,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_clear_error, assert_watchable, fake_module, run_dir, run_script
+from conftest import assert_watchable, run_dir, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_env import FakeSC2Env
 
@@ -91,12 +91,6 @@ def test_capture_video_writes_mp4s_and_tensorboard_videos_and_eval_only_renders_
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
     assert [e.step for e in events.Images("videos/episode_0")] == [200, 400, 400], "and the evaluation's TensorBoard video"
-
-
-def test_capture_video_without_its_encoders_is_one_clear_error(tmp_path):
-    fakes = fake_module(tmp_path / "fakes", "moviepy")
-    proc = run_script(f"{SCRIPTS[0]}.py", "--map", "3m", "--capture-video", cwd=tmp_path, env={"PYTHONPATH": str(fakes)})
-    assert_one_clear_error(proc, "--capture-video needs imageio-ffmpeg and moviepy")
 
 
 class ReplayingGame(FakeSC2Env):
