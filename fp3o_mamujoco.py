@@ -1,13 +1,15 @@
 """FP3O (Full-Pipeline PPO) on Multi-Agent MuJoCo (gymnasium-robotics `mamujoco_v1`), Gaussian policies.
 
+Examples:
+  python fp3o_mamujoco.py --scenario HalfCheetah --agent-conf 6x1 --total-timesteps 20000            # a short first run
+  python fp3o_mamujoco.py --scenario HalfCheetah --agent-conf 6x1 --sharing partial --seed 1  # the paper's 10M steps
+
 Paper: Feng et al., "Full-Pipeline Paradigm for Cooperative Multi-Agent PPO" (FP3O), section 3.4,
 Algorithm 1, listing B.3; double clip eq. D.10; advantage split F.4; InStep-only ablation F.5;
 MaMuJoCo hyperparameters tables E.2 and E.3. One iteration: roll out pi_k -> independent step (every
 agent, PPO-clip) -> intermediate policy pi_{k+0.5} -> condition (Alg. 1 line 7) -> dependent step
 along the cyclic-shift pipelines. gymnasium-robotics' MaMuJoCo is built on the v5 MuJoCo tasks: its
 returns are not comparable with those of the mujoco-py MaMuJoCo used in the paper.
-
-Usage: python fp3o_mamujoco.py --scenario HalfCheetah --agent-conf 6x1 --sharing partial --seed 1
 """
 import contextlib
 import fcntl
@@ -126,14 +128,15 @@ class Args:
     """use the double-clip objective (eq. D.10)"""
     inner_clip_coef: float = 0.2
     """eps2 of eq. D.10: clip of the other agents' joint intermediate ratio"""
-    no_dependent_step: bool = False
+    no_dependent_step: tyro.conf.FlagCreatePairsOff[bool] = False  # one flag, no --no-no- twin
     """ablation (F.5): run the independent step only (then FP3O reduces to PPO-clip per agent)"""
-    no_condition: bool = False
+    no_condition: tyro.conf.FlagCreatePairsOff[bool] = False
     """ablation: always run the dependent step, ignoring the condition of Algorithm 1 line 7"""
     condition_slack: float = 1e-5
     """the dependent step runs when S1 >= S2 - slack"""
     advantage_split: Literal["average", "random"] = "average"
-    """how the joint advantage is split over agents: A/n, or random Dirichlet weights (F.4)"""
+    """how the advantage is split over agents (F.4): average, A/n, a no-op (the per-agent standardisation undoes it);
+    random, Dirichlet weights drawn per sample, which do change the update"""
 
 
 def fail(message: str):
@@ -145,6 +148,14 @@ def fail(message: str):
 # what a resumed run may change
 RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar", "torch_threads", "async_envs",
                 "capture_video", "video_episodes")
+
+
+def parse_args(argv=None) -> Args:
+    """The command line (default: sys.argv) as Args; --help starts with the module docstring. A bad one: one `error:` line."""
+    try:
+        return tyro.cli(Args, args=argv, description=__doc__)
+    except SystemExit as e:  # tyro has printed what is wrong; --help exits with 0
+        fail("invalid command line (see above; --help lists the options)") if e.code else sys.exit(0)
 
 
 def flags_given(argv) -> set:
@@ -566,7 +577,7 @@ def rollout_batch(buf, critic, value_norm, obs_norm, state_norm, act_mask, std, 
     adv = adv.expand(T, N, E).transpose(0, 1).reshape(N, T * E)  # the team's advantage for every agent
     if args.advantage_split == "random":  # A^i = w^i A with random weights summing to 1 over agents (F.4)
         adv = adv * torch.distributions.Dirichlet(torch.ones(T * E, N, device=adv.device)).sample().T
-    else:  # A^i = A / n (average split)
+    else:  # A^i = A / n (average split), a no-op: the per-agent standardisation below undoes the 1/n
         adv = adv / N
     b = {"obs": obs_norm(flat(buf["obs"])),
          "state": state_norm(buf["state"][:T].reshape(1, T * E, S)).expand(Nc, -1, -1),
@@ -754,10 +765,7 @@ def adam(params, lr):
 
 
 if __name__ == "__main__":
-    try:
-        args = tyro.cli(Args)
-    except SystemExit as e:  # tyro has printed what is wrong; --help exits with 0
-        fail("invalid command line (see above; --help lists the options)") if e.code else sys.exit(0)
+    args = parse_args()
     ckpt, given = None, flags_given(sys.argv[1:])
     if args.resume:
         extra = ", ".join("--" + name.replace("_", "-") for name in sorted(given - set(RESUME_FLAGS)))
@@ -834,7 +842,7 @@ if __name__ == "__main__":
         if rng["cuda"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state_all(rng["cuda"])
     progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", disable=not args.progress_bar)
-    start_time, start_step = time.time(), global_step
+    start_time, start_step, eval_return = time.time(), global_step, float("nan")  # the latest evaluation's
 
     for iteration in range(first_iteration, num_iterations + 1):
         t0, ep_returns, ep_lengths = time.time(), [], []
@@ -877,7 +885,8 @@ if __name__ == "__main__":
             scalars["charts/episodic_return"] = last_return
             scalars["charts/episodic_length"] = torch.cat(ep_lengths).float().mean().item()
         if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == num_iterations):
-            scalars["eval/episodic_return"], frames = evaluate(actor, eval_envs, obs_norm, args.eval_episodes, videos)
+            eval_return, frames = evaluate(actor, eval_envs, obs_norm, args.eval_episodes, videos)
+            scalars["eval/episodic_return"] = eval_return
             record(frames, run_name, global_step, writer, envs.fps)  # with --capture-video
         for k, v in scalars.items():
             writer.add_scalar(k, v, global_step)
@@ -898,3 +907,6 @@ if __name__ == "__main__":
             closable.close()
     if args.track:
         wandb.finish()
+    result = f"eval return {eval_return:.2f}" if eval_envs is not None else f"training return {last_return:.2f}"
+    print(f"done: {result} at step {global_step:,} after {(time.time() - start_time) / 60:.1f} min; runs/{run_name} "
+          "(to look at it: tensorboard --logdir runs)")

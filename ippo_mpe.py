@@ -1,13 +1,15 @@
 """IPPO (Independent PPO) on the Multi-Agent Particle Environments (mpe2, PettingZoo's parallel API).
 
+Examples:
+  python ippo_mpe.py --env simple_spread_v3 --total-timesteps 100000        # a short first run
+  python ippo_mpe.py --env simple_spread_v3 --sharing none --seed 3         # 2M steps (the default)
+
 Paper: de Witt et al., "Is Independent Learning All You Need in the StarCraft Multi-Agent Challenge?" (IPPO), the
 independent-learning baseline of Feng et al. (FP3O; appendix F.3 runs MPE with MAPPO's settings). Every agent i
 maximises PPO-clip (Schulman et al. 2017, eq. 7) with its own advantage, from its own reward and a decentralised
 critic V(o^i) through GAE (Schulman et al. 2016, eq. 16); MPE's time limit is a truncation, so GAE bootstraps from the
 value of the final observation. Defaults: MAPPO's MPE settings (Yu et al.: 128 envs x 25 steps, 10 epochs, 1
 minibatch, lr 7e-4, entropy 0.01, 2 x 64 ReLU layers, gain 0.01 on the policy's last layer).
-
-Usage: python ippo_mpe.py --env simple_spread_v3 --sharing none --seed 3
 """
 import importlib
 import os
@@ -128,6 +130,14 @@ MPE_ENVS = {  # task: the options of its parallel_env that the flags may set (be
 
 # what a resumed run may change
 RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar", "capture_video", "video_episodes")
+
+
+def parse_args(argv=None) -> Args:
+    """The command line (default: sys.argv) as Args; --help starts with the module docstring. A bad one: one `error:` line."""
+    try:
+        return tyro.cli(Args, args=argv, description=__doc__)
+    except SystemExit as e:  # tyro has printed what is wrong; --help exits with 0
+        fail("invalid command line (see above; --help lists the options)") if e.code else sys.exit(0)
 
 
 def flags_given(argv) -> set:
@@ -532,10 +542,7 @@ def package_versions():
 
 
 if __name__ == "__main__":
-    try:
-        args = tyro.cli(Args)
-    except SystemExit as e:  # tyro has printed what is wrong; --help exits with 0
-        fail("invalid command line (see above; --help lists the options)") if e.code else sys.exit(0)
+    args = parse_args()
     ckpt, given = None, flags_given(sys.argv[1:])
     if args.resume:
         extra = ", ".join("--" + name.replace("_", "-") for name in sorted(given - set(RESUME_FLAGS)))
@@ -613,7 +620,7 @@ if __name__ == "__main__":
     progress = None
     if args.progress_bar:
         progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True)
-    start_time, start_step = time.time(), global_step
+    start_time, start_step, eval_return = time.time(), global_step, float("nan")  # the latest evaluation's
 
     for iteration in range(first_iteration, num_iterations + 1):
         t0 = time.time()
@@ -641,7 +648,8 @@ if __name__ == "__main__":
             last_return = torch.cat(ep_returns).mean().item()
             scalars["charts/episodic_return"] = last_return
         if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == num_iterations):
-            scalars["eval/episodic_return"], frames = evaluate(actor, eval_envs, eval_seed, device, videos)
+            eval_return, frames = evaluate(actor, eval_envs, eval_seed, device, videos)
+            scalars["eval/episodic_return"] = eval_return
             record(frames, run_name, global_step, writer)  # with --capture-video
         for k, v in scalars.items():
             writer.add_scalar(k, v, global_step)
@@ -667,3 +675,6 @@ if __name__ == "__main__":
     writer.close()
     if args.track:
         wandb.finish()
+    result = f"eval return {eval_return:.2f}" if eval_envs is not None else f"training return {last_return:.2f}"
+    print(f"done: {result} at step {global_step:,} after {(time.time() - start_time) / 60:.1f} min; runs/{run_name} "
+          "(to look at it: tensorboard --logdir runs)")
