@@ -1,25 +1,15 @@
 """a2po_smac.py: PreOPC (eq. 2) against a plain-loop reference, the semi-greedy order, adaptive clipping, eq. 6's double
 clip, the turns (whose ratios, blocks and epochs; without sharing the other agents' weights and Adam moments untouched,
-Adam exact per agent), in process; and short end-to-end runs on SMAX."""
+Adam exact per agent), in process; and what its short end-to-end runs on SMAX log of its own (test_smac_e2e.py checks
+what the four SMAC scripts share)."""
 import copy
 import math
 
 import pytest
 import torch
-from conftest import (
-    Job,
-    assert_one_clear_error,
-    assert_same_scalars,
-    assert_same_state_dict,
-    assert_same_training_state,
-    describe,
-    find_checkpoint,
-    load_checkpoint,
-    read_scalars,
-    run_dir,
-    run_scripts,
-    short_smac_run_scalars,
-)
+from harness import ran_ok, run_dir
+from readers import assert_same_state_dict, read_scalars
+from references import agent_slices, clip_active, reference_gae
 
 import a2po_smac as A
 
@@ -37,21 +27,6 @@ def trajectory(seed=0, T=9, B=3):
     dones[3, 0] = dones[7, 0] = dones[6, 1] = 1.0  # obs t starts a new episode
     next_done = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)  # env 1's episode ends with the rollout
     return rewards, values, dones, next_value, next_done
-
-
-def reference_gae(rewards, values, dones, next_value, next_done, gamma, lam):
-    """Textbook GAE with Python floats: A_t = delta_t + gamma * lam * A_{t+1}, restarted at episode ends."""
-    T, B = rewards.shape
-    adv = [[0.0] * B for _ in range(T)]
-    for b in range(B):
-        last = 0.0
-        for t in reversed(range(T)):
-            ends = float(next_done[b]) if t == T - 1 else float(dones[t + 1][b])
-            v_next = float(next_value[b]) if t == T - 1 else float(values[t + 1][b])
-            delta = float(rewards[t][b]) + gamma * v_next * (1 - ends) - float(values[t][b])
-            last = delta + gamma * lam * (1 - ends) * last
-            adv[t][b] = last
-    return torch.tensor(adv, dtype=torch.float64)
 
 
 def reference_preopc(rewards, values, dones, next_value, next_done, rho, gamma, lam):
@@ -79,7 +54,7 @@ def reference_preopc(rewards, values, dones, next_value, next_done, rho, gamma, 
 def test_preopc_with_all_ratios_one_is_gae():
     traj = trajectory()
     adv, returns = A.preopc_advantages(*traj, torch.ones_like(traj[0]), GAMMA, LAM)
-    assert torch.allclose(adv, reference_gae(*traj, GAMMA, LAM), atol=1e-12, rtol=0)
+    assert torch.allclose(adv, reference_gae(*traj, GAMMA, LAM)[0], atol=1e-12, rtol=0)
     assert torch.allclose(adv, reference_preopc(*traj, torch.ones_like(traj[0]), GAMMA, LAM), atol=1e-12, rtol=0)
     assert torch.equal(returns, adv + traj[1])
 
@@ -90,7 +65,7 @@ def test_preopc_truncates_the_preceding_agents_ratio_as_eq_2():
     assert (rho < 1).any() and (rho > 1).any()
     adv, _ = A.preopc_advantages(*traj, rho.clamp(max=1.0), GAMMA, LAM)
     assert torch.allclose(adv, reference_preopc(*traj, rho, GAMMA, LAM), atol=1e-12, rtol=0)
-    assert not torch.allclose(adv, reference_gae(*traj, GAMMA, LAM))  # the weights below 1 matter
+    assert not torch.allclose(adv, reference_gae(*traj, GAMMA, LAM)[0])  # the weights below 1 matter
     # step t's own ratio is not in A_t, only in the advantages before it in the same episode
     changed = rho.clone()
     changed[5, 2] = 0.01
@@ -152,7 +127,7 @@ def test_double_clip_bounds_the_preceding_agents_weight():
     A.a2po_objective(ratio, adv, prev, EPS).sum().backward()
     g = prev.clamp(1 - EPS / 2, 1 + EPS / 2)
     l = ratio.detach() * g  # noqa: E741
-    clipped = ((l > 1 + EPS) & (adv > 0)) | ((l < 1 - EPS) & (adv < 0))
+    clipped = clip_active(l, adv)
     assert clipped.any() and (~clipped).any() and (prev > 2).any() and (prev < 0.5).any()
     assert torch.allclose(ratio.grad, torch.where(clipped, torch.zeros_like(adv), g * adv))
 
@@ -330,25 +305,20 @@ def test_only_the_blocks_alive_samples_enter_the_losses(sharing, monkeypatch):
     assert seen and all(eps == pytest.approx([0.1, 0.2]) for eps in seen)
 
 
-def slices(opt, params, i):
-    """Agent i's slice of every per-agent parameter and of its Adam moments."""
-    return [t[i].clone() for p in params for t in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])]
-
-
 @pytest.mark.parametrize("sharing,block", [("none", [1]), ("none", [0, 2]), ("partial", [1])])
 def test_a_turn_leaves_the_other_agents_weights_and_adam_moments_bit_for_bit(sharing, block):
     actor, critic, opts, b, trace, value_norm, per_agent = hand_made_batch(sharing)
     update_in_order(actor, critic, opts, b, trace, torch.arange(N), value_norm, make_args(sharing=sharing))
     moments = [opt.state[p]["exp_avg"][i] for opt, ps in zip(opts, per_agent, strict=True) for p in ps for i in range(N)]
     assert all(m.abs().sum() > 0 for m in moments)  # every agent has Adam moments now
-    before = {(k, i): slices(opts[k], per_agent[k], i) for k in range(2) for i in range(N) if per_agent[k]}
+    before = {(k, i): agent_slices(opts[k], per_agent[k], i) for k in range(2) for i in range(N) if per_agent[k]}
     shared = [p.detach().clone() for net in (actor, critic) for p in net.parameters() if p.shape[0] == 1]
     assert bool(shared) == (sharing == "partial") and per_agent[0]
     turn = {**b, "prev_ratio": 0.5 + torch.rand(T, N, E)}
     clip = torch.full((1, N, 1), EPS)
     A.a2po_turn(actor, critic, opts, turn, torch.tensor(block), clip, 2, per_agent, make_args(sharing=sharing))
     for k, i in before:
-        after = slices(opts[k], per_agent[k], i)
+        after = agent_slices(opts[k], per_agent[k], i)
         same = [torch.equal(x, y) for x, y in zip(before[k, i], after, strict=True)]
         if i in block:
             assert not any(same), f"{'actor critic'.split()[k]}: agent {i}'s own slices did not all move"
@@ -385,11 +355,11 @@ def test_without_the_guard_adam_would_move_the_other_agents(monkeypatch):
     """The test above is not vacuous: a plain opt.step() with zero gradients still moves the other agents."""
     actor, critic, opts, b, trace, value_norm, per_agent = hand_made_batch("none")
     update_in_order(actor, critic, opts, b, trace, torch.arange(N), value_norm, make_args(sharing="none"))
-    before = slices(opts[0], per_agent[0], 0)
+    before = agent_slices(opts[0], per_agent[0], 0)
     monkeypatch.setattr(A, "step_agents", lambda opt, params, agents: opt.step())
     A.a2po_turn(actor, critic, opts, {**b, "prev_ratio": torch.ones(T, N, E)}, torch.tensor([1]), torch.full((1, N, 1), EPS), 2,
                 per_agent, make_args(sharing="none"))  # fmt: skip
-    assert not any(torch.equal(x, y) for x, y in zip(before, slices(opts[0], per_agent[0], 0), strict=True))
+    assert not any(torch.equal(x, y) for x, y in zip(before, agent_slices(opts[0], per_agent[0], 0), strict=True))
 
 
 @pytest.mark.parametrize("sharing,num_blocks", [("none", 0), ("none", 2), ("partial", 0), ("partial", 2)])
@@ -431,63 +401,25 @@ def test_every_agents_slice_is_updated_exactly_as_by_an_adam_of_its_own(monkeypa
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-TINY = ["--num-envs", 8, "--num-steps", 8, "--eval-episodes", 4, "--eval-interval", 1, "--no-progress-bar", "--torch-threads", 1]
-SCRIPT = "a2po_smac.py"
 N_AGENTS = 5  # SMAX 2s3z
-A2PO_TAGS = [f"a2po/{name}_agent{i}" for name in ("position", "clip", "kl_after_turn", "kl") for i in range(N_AGENTS)]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Short runs (2 iterations of 64 steps): one per sharing mode, partial with checkpoints and also as a 1-iteration run
-    that a resume continues to 2 iterations; and the bad inputs."""
-    base = tmp_path_factory.mktemp("a2po")
-    save = ["--save-model", "--checkpoint-interval", 1]
-    procs = run_scripts([
-        Job("half", SCRIPT, [*TINY, "--total-timesteps", 64, "--sharing", "partial", *save], base / "half"),
-        Job("resume", SCRIPT, lambda: ["--resume", find_checkpoint(base / "half"), "--total-timesteps", 128, "--no-progress-bar"],
-            base / "half", after=["half"]),
-        Job("partial", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "partial", *save], base / "partial"),
-        Job("none", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "none"], base / "none"),
-        Job("full", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "full", "--order", "fixed", "--num-blocks", 2],
-            base / "full"),
-        Job("bad_map", SCRIPT, [*TINY, "--map", "no_such_map"], base / "bad_map"),
-        Job("bad_order", SCRIPT, [*TINY, "--order", "greedy"], base / "bad_order"),
-        Job("bad_blocks", SCRIPT, [*TINY, "--num-blocks", 6], base / "bad_blocks"),
-    ])  # fmt: skip
-    return base, procs
-
-
-@pytest.mark.parametrize("name,sharing", [("none", "none"), ("partial", "partial"), ("full", "full")])
-def test_short_run_writes_the_expected_tags(runs, name, sharing):
-    base, procs = runs
-    scalars = short_smac_run_scalars(procs[name], base / name, "a2po_smac", sharing, A2PO_TAGS)
+@pytest.mark.parametrize("sharing", ["none", "partial", "full"])
+def test_short_runs_log_the_turns(smac_runs, sharing):
+    """In conftest's short runs (test_smac_e2e.py checks what all SMAC scripts log): each iteration's positions are an
+    order of the agents (--order fixed under full sharing: 0, 1, ...), each agent's clip is eps_k for its position k,
+    every turn moved its agents, and without sharing a turn moves only its own agent: the KL after its turn is its
+    final KL."""
+    _, cwd = ran_ok(smac_runs("a2po_smac"), sharing)
+    scalars = read_scalars(run_dir(cwd))
     for k in range(2):
         positions = [scalars[f"a2po/position_agent{i}"][k][1] for i in range(N_AGENTS)]
         assert sorted(positions) == list(range(N_AGENTS))
-        if name == "full":  # --order fixed
+        if sharing == "full":  # --order fixed
             assert positions == list(range(N_AGENTS))
         for i in range(N_AGENTS):  # eps_k = 0.2 * (0.5 + 0.5 * k / 5), k = position + 1
             assert scalars[f"a2po/clip_agent{i}"][k][1] == pytest.approx(0.2 * (0.5 + 0.5 * (positions[i] + 1) / N_AGENTS))
             assert scalars[f"a2po/kl_after_turn_agent{i}"][k][1] > 0
-        if name == "none":  # a turn moves only its own agent: the KL after its turn is its final KL
+        if sharing == "none":
             for i in range(N_AGENTS):
                 assert scalars[f"a2po/kl_after_turn_agent{i}"][k][1] == scalars[f"a2po/kl_agent{i}"][k][1]
-
-
-def test_resume_equals_an_uninterrupted_run(runs):
-    """Bit for bit: networks, Adam's moments and step counts, value normaliser, counters, and the logged values."""
-    base, procs = runs
-    for name in ("half", "resume", "partial"):
-        assert procs[name].returncode == 0, describe(procs[name])
-    assert_same_training_state(load_checkpoint(base / "half"), load_checkpoint(base / "partial"), 2, 128)
-    assert_same_scalars(read_scalars(run_dir(base / "half")), read_scalars(run_dir(base / "partial")))
-
-
-@pytest.mark.parametrize("name,says", [("bad_map", "no_such_map"), ("bad_order", "invalid command line"),
-                                       ("bad_blocks", "--num-blocks")])  # fmt: skip
-def test_bad_input_is_one_clear_error(runs, name, says):
-    proc = runs[1][name]
-    assert_one_clear_error(proc)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and says in errors[0], describe(proc)

@@ -16,10 +16,12 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import (ROOT, Job, assert_same_state_dict, assert_watchable, describe, run_dir,
-                      run_script, run_scripts, script_env)
+from conftest import ROOT, script_env
+from harness import Job, assert_one_clear_error, describe, run_dir, run_script, run_scripts
+from readers import assert_same_state_dict
 from rliable import metrics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from video import assert_watchable
 
 
 def load(name):
@@ -291,10 +293,8 @@ def test_report_cli_on_plain_runs_folder(tmp_path):
     assert proc.stdout.count("no curves against gradient steps") == 1, describe(proc)  # no run logs them
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert pngs == ["curves_3m__eval_win_rate.png", "curves_3m__eval_win_rate__seconds.png"]
-    proc = run_tool("report.py", tmp_path / "nothing", cwd=tmp_path)
-    assert proc.returncode == 2 and "no runs found" in proc.stderr, describe(proc)
-    proc = run_tool("report.py", tmp_path, "--bootstrap-reps", "0", cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --bootstrap-reps"), describe(proc)
+    assert_one_clear_error(run_tool("report.py", tmp_path / "nothing", cwd=tmp_path), "no runs found")
+    assert_one_clear_error(run_tool("report.py", tmp_path, "--bootstrap-reps", "0", cwd=tmp_path), "error: --bootstrap-reps")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

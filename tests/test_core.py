@@ -1,33 +1,12 @@
 """GAE, value normalisation, advantage standardisation and the per-agent networks of fp3o_smac.py."""
 import pytest
 import torch
+from references import reference_gae
 
 import fp3o_smac as F
 
 
 # ---------------------------------------------------------------------------------------------- GAE
-def slow_gae(rewards, values, dones, next_value, next_done, gamma, lam):
-    """Per environment, A_t = sum_{l=t}^{end} (gamma*lam)^(l-t) delta_l over the rest of t's episode inside the
-    rollout, delta_l = r_l + gamma * V_{l+1} * [obs l+1 continues the episode] - V_l. dones[t] = 1: obs t starts an
-    episode; index T is the next obs (next_value, next_done)."""
-    T, B = values.shape
-    vals = torch.cat([values, next_value[None]])
-    starts = torch.cat([dones, next_done[None]])
-    adv = torch.zeros(T, B, dtype=torch.float64)
-    for b in range(B):
-        for t in range(T):
-            total, discount = 0.0, 1.0
-            for step in range(t, T):
-                cont = 1.0 - float(starts[step + 1, b])
-                delta = float(rewards[step, b]) + gamma * float(vals[step + 1, b]) * cont - float(vals[step, b])
-                total += discount * delta
-                if cont == 0.0:  # the episode ends after `step`
-                    break
-                discount *= gamma * lam
-            adv[t, b] = total
-    return adv, adv + values.double()
-
-
 def gae_batch(seed=0, T=12, B=5):
     gen = torch.Generator().manual_seed(seed)
     rewards = torch.randn(T, B, generator=gen, dtype=torch.float64)
@@ -44,7 +23,7 @@ def gae_batch(seed=0, T=12, B=5):
 def test_compute_gae_matches_a_slow_reference_with_episode_ends_in_the_middle():
     r, v, d, nv, nd = gae_batch()
     adv, ret = F.compute_gae(r, v, d, nv, nd, 0.99, 0.95)
-    adv_ref, ret_ref = slow_gae(r, v, d, nv, nd, 0.99, 0.95)
+    adv_ref, ret_ref = reference_gae(r, v, d, nv, nd, 0.99, 0.95)
     assert torch.allclose(adv, adv_ref, rtol=1e-10, atol=1e-12)
     assert torch.allclose(ret, ret_ref, rtol=1e-10, atol=1e-12)
 
@@ -78,7 +57,7 @@ def test_compute_gae_broadcasts_a_team_reward_over_agents():
     adv, ret = F.compute_gae(rewards, values, dones, next_value, next_done, 0.9, 0.8)
     assert adv.shape == ret.shape == (T, N, E)
     for i in range(N):
-        ref, _ = slow_gae(rewards[:, 0], values[:, i], dones[:, 0], next_value[i], next_done, 0.9, 0.8)
+        ref, _ = reference_gae(rewards[:, 0], values[:, i], dones[:, 0], next_value[i], next_done, 0.9, 0.8)
         assert torch.allclose(adv[:, i].double(), ref, atol=1e-5)
 
 

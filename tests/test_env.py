@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import describe, run_dir, run_script
+from harness import assert_one_clear_error, describe, exit_of, run_dir, run_script
 
 import fp3o_smac as F
 
@@ -332,12 +332,9 @@ def test_choose_backend_falls_back_to_smax_without_starcraft(tmp_path, monkeypat
     assert F.choose_backend("auto", "3m") == expect
 
 
-def test_make_envs_rejects_an_unknown_smax_map(capsys):
-    with pytest.raises(SystemExit) as e:
-        F.make_envs("smax", "nope", 2, 0, torch.device("cpu"))
-    assert e.value.code not in (0, None)
-    err = capsys.readouterr().err
-    assert "nope" in err and "2s3z" in err, "the error should list the maps SMAX has"
+def test_make_envs_rejects_an_unknown_smax_map(capfd):
+    proc = exit_of(lambda: F.make_envs("smax", "nope", 2, 0, torch.device("cpu")), capfd)
+    assert_one_clear_error(proc, "SMAX has no map 'nope'. SMAX maps: 10m_vs_11m, 25m, 27m_vs_30m, 2s3z,")  # it lists them
 
 
 # ---------------------------------------------------------------------------------------------- real game

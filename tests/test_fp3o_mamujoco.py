@@ -6,49 +6,26 @@ test_bad_input.py).
 
 Evaluation videos (--capture-video) are checked end to end too.
 
-The end-to-end runs are started once per module (two processes at a time, see conftest.run_scripts)."""
+The end-to-end runs are started once per module (two processes at a time, see harness.run_scripts)."""
 import copy
 import itertools
 import math
 import re
-import shutil
 import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    EndingAt,
-    Job,
-    assert_agent_steps_alone,
-    assert_same_state_dict,
-    assert_videos,
-    assert_watchable,
-    clipped_value_loss,
-    describe,
-    find_checkpoint,
-    load_checkpoint,
-    ran_ok,
-    read_scalars,
-    run_dir,
-    run_dirs,
-    run_scripts,
-)
+from harness import Job, describe, keep_copy, ran_ok, run_dir, run_dirs, run_scripts
+from readers import assert_same_state_dict, assert_same_training_state, find_checkpoint, load_checkpoint, read_scalars
+from references import assert_agent_steps_alone, clip_active, clipped_value_loss, ppo_clip
+from video import EndingAt, assert_videos, assert_watchable
 
 import fp3o_mamujoco as F
 
 EPS = 0.2
 CPU = torch.device("cpu")
-
-
-def ppo_clip(ratio, adv, eps=EPS):
-    return torch.min(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
-
-
-def clip_active(ratio, adv, eps=EPS):
-    """Samples whose PPO-clip term is the clipped, constant one (zero gradient)."""
-    return ((ratio > 1 + eps) & (adv > 0)) | ((ratio < 1 - eps) & (adv < 0))
 
 
 def act_mask(act_dims):
@@ -763,11 +740,6 @@ TINY = ["--num-envs", 2, "--num-steps", 32, "--num-minibatches", 4, "--eval-epis
         "--agent-obsk", 1, "--no-progress-bar", "--torch-threads", 1]  # fmt: skip
 SAVE = ["--save-model", "--checkpoint-interval", 1, "--eval-interval", 2]
 N_CHEETAH = 6
-def keep_copy(src, dst):
-    shutil.copyfile(src, dst)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("mamujoco_e2e")
@@ -873,15 +845,7 @@ def test_track_writes_an_offline_wandb_run(runs):
         assert needle in data, needle
 
 
-def same_checkpoints(a, b):
-    for k in ("actor", "critic", "value_norm", "obs_norm", "state_norm"):
-        assert_same_state_dict(a[k], b[k], k)
-    for k in ("actor_opt", "critic_opt"):
-        for p in a[k]["state"]:
-            assert_same_state_dict(a[k]["state"][p], b[k]["state"][p], f"{k} state {p}")
-    assert a["next"].keys() == b["next"].keys() and all(torch.equal(a["next"][k], b["next"][k]) for k in a["next"])
-    for sa, sb in zip(a["env_state"]["sim"], b["env_state"]["sim"], strict=True):
-        assert np.array_equal(sa["mj"], sb["mj"]) and sa["elapsed"] == sb["elapsed"]
+ENV_FIELDS = ("obs_norm", "state_norm", "next", "env_state")  # what a checkpoint holds beyond the common training state
 
 
 def test_resume_equals_an_uninterrupted_run(runs):
@@ -890,18 +854,18 @@ def test_resume_equals_an_uninterrupted_run(runs):
     _, full_cwd = ran_ok(runs, "full")
     ran_ok(runs, "half")
     _, resume_cwd = ran_ok(runs, "resume")
-    ref, res, half = load_checkpoint(find_checkpoint(full_cwd)), load_checkpoint(find_checkpoint(resume_cwd)), load_checkpoint(runs["base"] / "half.pt")
-    assert (res["iteration"], res["global_step"]) == (ref["iteration"], ref["global_step"]) == (2, 2 * ITER)
+    ref, res, half = load_checkpoint(full_cwd), load_checkpoint(resume_cwd), load_checkpoint(runs["base"] / "half.pt")
     assert half["iteration"] == 1 and [s["elapsed"] for s in half["env_state"]["sim"]] == [12, 12], "split mid-episode"
     assert any(not torch.equal(ref["actor"][k], half["actor"][k]) for k in ref["actor"]), "training changes the actor"
     assert not torch.equal(ref["obs_norm"]["mean"], half["obs_norm"]["mean"])
-    same_checkpoints(ref, res)
+    assert_same_training_state(ref, res, 2, 2 * ITER, extra=ENV_FIELDS)
     assert len(run_dirs(resume_cwd)) == 1
     assert sorted({s for s, _ in read_scalars(run_dir(resume_cwd))["charts/SPS"]}) == [ITER, 2 * ITER]
 
 
 def test_async_envs_train_exactly_like_sync_envs(runs):
-    same_checkpoints(load_checkpoint(find_checkpoint(ran_ok(runs, "full")[1])), load_checkpoint(find_checkpoint(ran_ok(runs, "async")[1])))
+    sync, asynchronous = (load_checkpoint(ran_ok(runs, name)[1]) for name in ("full", "async"))
+    assert_same_training_state(sync, asynchronous, 2, 2 * ITER, extra=ENV_FIELDS)
 
 
 def test_eval_only_prints_an_evaluation(runs):

@@ -3,24 +3,16 @@ import itertools
 
 import pytest
 import torch
+from references import clip_active, hand_made_batch, ppo_clip
 
 import fp3o_smac as F
 
 EPS = 0.2
 
 
-def ppo_clip(ratio, adv, eps=EPS):
-    return torch.min(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
-
-
 def random_ratios(shape, gen):
     """Ratios spread over [0.5, 1.6]: many samples fall outside the clip range 1 +- 0.2."""
     return 0.5 + 1.1 * torch.rand(shape, generator=gen, dtype=torch.float64)
-
-
-def clip_active(ratio, adv, eps=EPS):
-    """Samples whose PPO-clip term is the clipped, constant one (zero gradient)."""
-    return ((ratio > 1 + eps) & (adv > 0)) | ((ratio < 1 - eps) & (adv < 0))
 
 
 # ---------------------------------------------------------------------------------------------- objective
@@ -282,8 +274,6 @@ def test_double_clip_inner_clip_bounds_the_other_agents_ratio():
 def test_independent_step_is_mappos_update(sharing):
     """With all factors 1, fp3o_step is MAPPO's update (appendix D.6): the same networks and optimizer states after
     two epochs of two minibatches, sharing semantics (per-agent losses and clipping under `none`) included."""
-    from conftest import hand_made_batch
-
     import mappo_smac
 
     args = F.Args(update_epochs=2, num_minibatches=2, sharing=sharing)

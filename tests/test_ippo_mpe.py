@@ -5,31 +5,17 @@ in test_bad_input.py."""
 import copy
 import math
 import re
-import shutil
 import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import (
-    EndingAt,
-    Job,
-    assert_agent_steps_alone,
-    assert_same_state_dict,
-    assert_videos,
-    assert_watchable,
-    clipped_value_loss,
-    describe,
-    find_checkpoint,
-    load_checkpoint,
-    ran_ok,
-    read_scalars,
-    run_dir,
-    run_dirs,
-    run_scripts,
-)
+from harness import Job, assert_one_clear_error, describe, exit_of, keep_copy, ran_ok, run_dir, run_dirs, run_scripts
 from mpe2 import simple_speaker_listener_v4, simple_spread_v3
+from readers import assert_same_state_dict, assert_same_training_state, find_checkpoint, load_checkpoint, read_scalars
+from references import assert_agent_steps_alone, clip_active, clipped_value_loss, ppo_clip
+from video import EndingAt, assert_videos, assert_watchable
 
 import ippo_mpe as M
 
@@ -173,18 +159,16 @@ def test_continuous_actions_reach_the_env_clipped_and_without_padding():
     assert np.allclose(comm, 1.0), f"the speaker's message should be the clipped action: {comm}"
 
 
-def test_env_options_and_errors(capsys):
+def test_env_options_and_errors(capfd):
     assert M.env_options(M.Args(env=SPREAD, num_agents=4, local_ratio=0.2)) == opts(N=4, local_ratio=0.2)
     assert M.MpeEnvs(SPREAD, 1, opts(N=4)).n_agents == 4
     bad = [(dict(env="simple_nope_v9"), "simple_nope_v9"), (dict(env=LISTENER, num_agents=4), "--num-agents"),
            (dict(env=LISTENER, local_ratio=0.3), "--local-ratio"), (dict(local_ratio=1.5), "--local-ratio"),
            (dict(num_agents=0), "--num-agents")]  # fmt: skip
     for kwargs, needle in bad:
-        with pytest.raises(SystemExit) as e:
-            M.env_options(M.Args(**kwargs))
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1, err
+        proc = exit_of(lambda kwargs=kwargs: M.env_options(M.Args(**kwargs)), capfd)
+        assert_one_clear_error(proc, needle)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -227,7 +211,7 @@ def test_ppo_clip_gradient_is_zero_exactly_where_clipped():
     ratio = (0.5 + 1.1 * torch.rand(200, generator=gen, dtype=torch.float64)).requires_grad_()
     adv = torch.randn(200, generator=gen, dtype=torch.float64)
     M.ppo_clip_objective(ratio, adv, EPS).sum().backward()
-    clipped = ((ratio > 1 + EPS) & (adv > 0)) | ((ratio < 1 - EPS) & (adv < 0))
+    clipped = clip_active(ratio, adv)
     assert clipped.any() and (~clipped).any()
     assert torch.equal(ratio.grad, torch.where(clipped, torch.zeros_like(adv), adv))
 
@@ -235,10 +219,11 @@ def test_ppo_clip_gradient_is_zero_exactly_where_clipped():
 N, B, OBS, HID = 3, 64, 11, 8
 
 
-def ppo_clip(logp, b):
+def agents_ppo_clip(logp, b):
     """Each agent's PPO-clip objective on the batch b (its mean over samples), [N]."""
-    ratio = (logp - b["logp"]).exp()
-    return torch.min(ratio * b["adv"], ratio.clamp(1 - EPS, 1 + EPS) * b["adv"]).mean(1).detach()
+    return ppo_clip((logp - b["logp"]).exp(), b["adv"]).mean(1).detach()
+
+
 AVAIL = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
 
 
@@ -278,7 +263,7 @@ def test_ippo_update_is_one_ppo_clip_step_per_agent_on_its_own_advantage(sharing
         logp, entropy = cat.log_prob(b["actions"]), cat.entropy()
     ratio = (logp - b["logp"]).exp()
     assert ((ratio - 1).abs() > EPS).any() and ((ratio - 1).abs() < EPS).any()
-    pg_loss = -torch.min(ratio * b["adv"], ratio.clamp(1 - EPS, 1 + EPS) * b["adv"]).mean()
+    pg_loss = -ppo_clip(ratio, b["adv"]).mean()
     torch.testing.assert_close(stats[0], pg_loss.detach())
     values = ref_critic(b["obs"])[..., 0]
     v_loss = clipped_value_loss(values, b["values"], b["returns_n"], EPS)
@@ -301,7 +286,7 @@ def test_ippo_update_is_one_ppo_clip_step_per_agent_on_its_own_advantage(sharing
 def test_the_policy_loss_has_the_sign_that_increases_each_agents_objective(sharing):
     """One small SGD step without entropy bonus: every agent's PPO-clip objective on the batch goes up."""
     actor, critic, _, b = hand_made_batch(sharing)
-    objective = lambda: ppo_clip(actor.log_prob_entropy(actor.dist(b["obs"]), b["actions"])[0], b)
+    objective = lambda: agents_ppo_clip(actor.log_prob_entropy(actor.dist(b["obs"]), b["actions"])[0], b)
     before = objective()
     args = M.Args(update_epochs=1, num_minibatches=1, sharing=sharing, ent_coef=0.0)
     M.ippo_update(actor, critic, [torch.optim.SGD(net.parameters(), lr=1e-2) for net in (actor, critic)], b, args)
@@ -325,7 +310,7 @@ def test_without_sharing_each_agent_steps_as_a_network_of_its_own(continuous, ma
         full_obs[i] = own["obs"][0]  # the networks take all agents' inputs; only agent i's outputs enter the loss
         logp, entropy = ref_actor.log_prob_entropy(ref_actor.dist(full_obs), b["actions"])
         ratio = (logp[i] - own["logp"][0]).exp()
-        pg_loss = -torch.min(ratio * own["adv"][0], ratio.clamp(1 - EPS, 1 + EPS) * own["adv"][0]).mean()
+        pg_loss = -ppo_clip(ratio, own["adv"][0]).mean()
         values = ref_critic(full_obs)[i, :, 0]
         v_loss = clipped_value_loss(values, own["values"][0], own["returns_n"][0], EPS)
         losses = (pg_loss - args.ent_coef * entropy[i].mean(), args.vf_coef * v_loss)
@@ -548,11 +533,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def keep_copy(src, dst):
-    shutil.copyfile(src, dst)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, repo_root):
     base = tmp_path_factory.mktemp("ippo")
@@ -647,18 +627,11 @@ def test_resume_equals_an_uninterrupted_run(runs):
     _, ref_cwd = ran_ok(runs, f"{LISTENER}-continuous")
     ran_ok(runs, "half")
     _, cwd = ran_ok(runs, "resume")
-    ref, res = load_checkpoint(find_checkpoint(ref_cwd)), load_checkpoint(find_checkpoint(cwd))
-    half = load_checkpoint(runs["base"] / "half.pt")
-    assert half["iteration"] == 1 and (res["iteration"], res["global_step"]) == (ref["iteration"], ref["global_step"]) == (2, 20)
+    ref, res, half = load_checkpoint(ref_cwd), load_checkpoint(cwd), load_checkpoint(runs["base"] / "half.pt")
+    assert half["iteration"] == 1
     assert any(not torch.equal(half["actor"][k], ref["actor"][k]) for k in ref["actor"]), "the second iteration trained"
-    for key in ("actor", "critic", "value_norm"):
-        assert_same_state_dict(ref[key], res[key], key)
-    for key in ("actor_opt", "critic_opt"):
-        for i, state in ref[key]["state"].items():
-            assert_same_state_dict(state, res[key]["state"][i], f"{key}[{i}]")
-    assert torch.equal(ref["next_obs"], res["next_obs"])
-    assert ref["env_state"]["ep_return"].tolist() == res["env_state"]["ep_return"].tolist()
-    assert ref["env_state"]["worlds"] == res["env_state"]["worlds"], "the environments continue the same episodes"
+    # and the environments continue the same episodes: every world, the episodes' returns, the next observation
+    assert_same_training_state(ref, res, 2, 20, extra=("next_obs", "env_state"))
     assert len(run_dirs(cwd)) == 1, "the resumed run continues the same TensorBoard run"
     steps = sorted({s for s, _ in read_scalars(run_dir(cwd))["charts/SPS"]})
     assert steps == [ITER, 2 * ITER]

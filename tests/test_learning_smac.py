@@ -5,7 +5,8 @@ Budgets and thresholds come from runs of each script with these flags at seeds 1
 threshold is well below the weakest seed's final evaluation win rate and well above what the same run reaches with a
 broken update (zero learning rate, or the policy loss's sign flipped: 0 wins). The checks assert learning, not time."""
 import pytest
-from conftest import describe, read_scalars, run_dir, run_script
+from harness import describe, run_dir, run_script
+from readers import read_scalars
 
 FLAGS = ["--map", "3m", "--num-envs", 32, "--eval-episodes", 32, "--eval-interval", 1000, "--no-progress-bar",
          "--torch-threads", 1]  # fmt: skip

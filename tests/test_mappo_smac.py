@@ -1,24 +1,14 @@
-"""mappo_smac.py: the PPO-clip objective and update (in process), and short end-to-end runs on SMAX."""
+"""mappo_smac.py: the PPO-clip objective and update (in process), and what its short end-to-end runs on SMAX log of
+its own (test_smac_e2e.py checks what the four SMAC scripts share)."""
 import copy
 
-import conftest
 import pytest
+import references
 import torch
 import torch.nn as nn
-from conftest import (
-    HAND_MADE,
-    Job,
-    assert_one_clear_error,
-    assert_same_scalars,
-    assert_same_training_state,
-    describe,
-    find_checkpoint,
-    load_checkpoint,
-    read_scalars,
-    run_dir,
-    run_scripts,
-    short_smac_run_scalars,
-)
+from harness import ran_ok, run_dir
+from readers import read_scalars
+from references import HAND_MADE, clip_active, ppo_clip
 
 import mappo_smac as M
 
@@ -40,14 +30,14 @@ def test_ppo_clip_objective_gradient_is_zero_exactly_where_clipped():
     ratio = (0.5 + 1.1 * torch.rand(200, generator=gen, dtype=torch.float64)).requires_grad_()
     adv = torch.randn(200, generator=gen, dtype=torch.float64)
     M.ppo_clip_objective(ratio, adv, EPS).sum().backward()
-    clipped = ((ratio > 1 + EPS) & (adv > 0)) | ((ratio < 1 - EPS) & (adv < 0))
+    clipped = clip_active(ratio, adv)
     assert clipped.any() and (~clipped).any()
     assert torch.equal(ratio.grad, torch.where(clipped, torch.zeros_like(adv), adv))
 
 
 # ---------------------------------------------------------------------------------------------- the update
 def hand_made_batch(sharing, seed=0):
-    return conftest.hand_made_batch(M, sharing, seed, logp_noise=0.3)
+    return references.hand_made_batch(M, sharing, seed, logp_noise=0.3)
 
 
 @pytest.mark.parametrize("sharing", ["full", "partial", "none"])
@@ -70,7 +60,7 @@ def test_mappo_step_is_one_ppo_clip_step_for_all_agents_at_once(sharing):
         dist = torch.distributions.Categorical(logits=logits.masked_fill(~b["avail"], -1e10))
         ratio = (dist.log_prob(b["actions"]) - b["logp"]).exp()
         assert ((ratio - 1).abs() > EPS).any() and ((ratio - 1).abs() < EPS).any()
-        surrogate = torch.min(ratio * b["adv"], torch.clamp(ratio, 1 - EPS, 1 + EPS) * b["adv"])
+        surrogate = ppo_clip(ratio, b["adv"])
         pg_loss = -(surrogate * act).sum() / act.sum()
         v_loss = M.value_loss_fn(ref_critic(b["state"])[0].squeeze(-1), b["values"], b["returns_n"], act / act.sum(), EPS,
                                  args.huber_delta)  # fmt: skip
@@ -106,55 +96,10 @@ def test_fp3o_only_flags_are_gone():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-TINY = ["--num-envs", 8, "--num-steps", 8, "--eval-episodes", 4, "--eval-interval", 1, "--no-progress-bar", "--torch-threads", 1]
-SCRIPT = "mappo_smac.py"
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Short runs (2 iterations of 64 steps): one per sharing mode, the `none` one twice with checkpoints, and
-    a 1-iteration run with a checkpoint that a resume continues to 2 iterations; and the bad inputs."""
-    base = tmp_path_factory.mktemp("mappo")
-    save = ["--save-model", "--checkpoint-interval", 1]
-    procs = run_scripts([
-        Job("half", SCRIPT, [*TINY, "--total-timesteps", 64, "--sharing", "none", *save], base / "half"),
-        Job("resume", SCRIPT, lambda: ["--resume", find_checkpoint(base / "half"), "--total-timesteps", 128, "--no-progress-bar"],
-            base / "half", after=["half"]),
-        Job("none", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "none", *save], base / "none"),
-        Job("none_again", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "none", *save], base / "none_again"),
-        Job("partial", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "partial"], base / "partial"),
-        Job("full", SCRIPT, [*TINY, "--total-timesteps", 128, "--sharing", "full", "--actor", "mlp"], base / "full"),
-        Job("bad_map", SCRIPT, [*TINY, "--map", "no_such_map"], base / "bad_map"),
-        Job("bad_sharing", SCRIPT, [*TINY, "--sharing", "some"], base / "bad_sharing"),
-        Job("bad_backend", SCRIPT, [*TINY, "--env-backend", "smac"], base / "bad_backend"),
-    ])  # fmt: skip
-    return base, procs
-
-
-@pytest.mark.parametrize("name,sharing", [("none", "none"), ("partial", "partial"), ("full", "full")])
-def test_short_run_writes_the_expected_tags(runs, name, sharing):
-    base, procs = runs
-    kl_tags = [f"mappo/kl_agent{i}" for i in range(5)]
-    scalars = short_smac_run_scalars(procs[name], base / name, "mappo_smac", sharing, kl_tags)
-    assert all(v > 0 for tag in kl_tags for _, v in scalars[tag])
-
-
-def test_same_seed_twice_is_identical(runs):
-    base, procs = runs
-    assert procs["none_again"].returncode == 0, describe(procs["none_again"])
-    assert_same_training_state(load_checkpoint(base / "none"), load_checkpoint(base / "none_again"), 2, 128)
-    a, b = read_scalars(run_dir(base / "none")), read_scalars(run_dir(base / "none_again"))
-    assert_same_scalars(a, b)
-
-
-def test_resume_equals_an_uninterrupted_run(runs):
-    base, procs = runs
-    assert procs["resume"].returncode == 0, describe(procs["resume"])
-    assert_same_training_state(load_checkpoint(base / "half"), load_checkpoint(base / "none"), 2, 128)
-    a, b = read_scalars(run_dir(base / "half")), read_scalars(run_dir(base / "none"))
-    assert_same_scalars(a, b, ("losses/policy_loss", "losses/value_loss", "mappo/kl_agent3", "eval/episodic_return"))
-
-
-@pytest.mark.parametrize("name", ["bad_map", "bad_sharing", "bad_backend"])
-def test_bad_input_is_one_clear_error(runs, name):
-    assert_one_clear_error(runs[1][name])
+@pytest.mark.parametrize("sharing", ["none", "partial", "full"])
+def test_short_runs_move_every_agent(smac_runs, sharing):
+    """In conftest's short runs (test_smac_e2e.py checks what all SMAC scripts log): every agent's policy moved in
+    every iteration."""
+    _, cwd = ran_ok(smac_runs("mappo_smac"), sharing)
+    scalars = read_scalars(run_dir(cwd))
+    assert all(v > 0 for i in range(5) for _, v in scalars[f"mappo/kl_agent{i}"])

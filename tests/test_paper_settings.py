@@ -4,8 +4,8 @@ reach the networks and the saved run config."""
 import importlib
 
 import pytest
-
-from conftest import Job, describe, load_checkpoint, run_scripts
+from harness import Job, describe, run_scripts
+from readers import load_checkpoint
 
 SCRIPTS = ["fp3o_smac", "mappo_smac", "happo_smac", "a2po_smac"]
 E5 = {  # the paper's table E.5, written out again: map -> (clip, actor, steps for full, partial, none)
@@ -77,7 +77,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(RUNS))
 def test_a_run_uses_and_records_the_tables_values(runs, name):
     procs, base = runs
-    proc, (script, args, clip, actor) = procs[name], RUNS[name]
+    proc, (_, args, clip, actor) = procs[name], RUNS[name]
     assert proc.returncode == 0, describe(proc)
     announced = [line for line in proc.stdout.splitlines() if "table E.5" in line]
     assert len(announced) == 1, proc.stdout

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, describe, run_dirs, script_env
+from conftest import ROOT, script_env
+from harness import describe, run_dirs
 
 REQUIRED = os.environ.get("REQUIRE_SLURM") == "1" or os.environ.get("CI") == "true"
 SMAC = ["--num-envs", "8", "--num-steps", "8", "--total-timesteps", "64", "--eval-episodes", "4", "--eval-interval", "1"]

@@ -1,15 +1,16 @@
 """What each SMAC script's update for one iteration does (fp3o_update, mappo_update, happo_update, a2po_update), in
-process on conftest's hand-made batches: which steps run, which factors and products reach which step (each step's
-first gradient against the paper's objective written out here), the sign of the policy losses, and HAPPO's critic.
+process on the hand-made batches of references.py: which steps run, which factors and products reach which step (each
+step's first gradient against the paper's objective written out here), the sign of the policy losses, and HAPPO's
+critic.
 
 A recorded optimizer step gives the parameters before it and the gradients it applies (after the script's gradient
 clipping, which these tests switch off with a huge max norm, as they switch off the entropy bonus)."""
 import copy
 
-import conftest
 import pytest
 import torch
-from conftest import HAND_MADE, assert_same_state_dict
+from readers import assert_same_state_dict
+from references import HAND_MADE, hand_made_batch, ppo_clip
 
 import a2po_smac as A
 import fp3o_smac as F
@@ -19,7 +20,7 @@ import mappo_smac as M
 N, T, E = HAND_MADE["N"], HAND_MADE["T"], HAND_MADE["E"]
 EPS = 0.2
 PLAIN = dict(update_epochs=2, num_minibatches=1, ent_coef=0.0, max_grad_norm=1e9)  # plain gradients of the policy loss
-FAILS, HOLDS = 2, 0  # conftest.hand_made_batch seeds on which FP3O's condition fails / holds after the independent step
+FAILS, HOLDS = 2, 0  # hand_made_batch seeds on which FP3O's condition fails / holds after the independent step
 
 
 def record_steps(opt):
@@ -53,10 +54,6 @@ def ratios(script, net, b):
     """pi / pi_k per sample under `net`, without gradients; dead agents' samples exactly 1."""
     with torch.no_grad():
         return torch.where(b["active"].bool(), (rollout_logp(script, net, b) - b["logp"]).exp(), torch.ones_like(b["logp"]))
-
-
-def ppo_clip(ratio, adv, eps=EPS):
-    return torch.min(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
 
 
 def agent_mean(x, active, agent):
@@ -93,9 +90,9 @@ def training_state(actor, critic, opts):
 
 # ---------------------------------------------------------------------------------------------- FP3O (Algorithm 1)
 def fp3o_run(sharing, seed, generator_seed=1, record=False, global_seed=0, **flags):
-    """fp3o_update on conftest's batch `seed` (torch's global generator seeded with `global_seed` afterwards); returns
-    (actor, critic, opts, b, stats, diag, recorded actor steps, the pipeline partners drawn)."""
-    actor, critic, opts, b = conftest.hand_made_batch(F, sharing, seed)
+    """fp3o_update on hand_made_batch's batch `seed` (torch's global generator seeded with `global_seed` afterwards);
+    returns (actor, critic, opts, b, stats, diag, recorded actor steps, the pipeline partners drawn)."""
+    actor, critic, opts, b = hand_made_batch(F, sharing, seed)
     torch.manual_seed(global_seed)
     args = F.Args(sharing=sharing, **{**(PLAIN if record else dict(update_epochs=2, num_minibatches=2)), **flags})
     steps, partners, draw = record_steps(opts[0]), [], F.pipeline_partners
@@ -221,7 +218,7 @@ def test_fp3o_generator_draws_the_pipelines_and_minibatches():
 # ---------------------------------------------------------------------------------------------- MAPPO
 @pytest.mark.parametrize("sharing", ["full", "none"])
 def test_mappo_update_steps_on_ppo_clip_and_logs_each_agents_kl(sharing):
-    actor, critic, opts, b = conftest.hand_made_batch(M, sharing)
+    actor, critic, opts, b = hand_made_batch(M, sharing)
     steps = record_steps(opts[0])
     stats, diag = M.mappo_update(actor, critic, opts, b, M.Args(sharing=sharing, **PLAIN), torch.Generator().manual_seed(0))
 
@@ -243,7 +240,7 @@ def test_mappo_update_steps_on_ppo_clip_and_logs_each_agents_kl(sharing):
 def test_mappo_generator_draws_the_minibatches():
     results = []
     for seed in (3, 3, 4):
-        actor, critic, opts, b = conftest.hand_made_batch(M, "full")
+        actor, critic, opts, b = hand_made_batch(M, "full")
         M.mappo_update(actor, critic, opts, b, M.Args(update_epochs=2, num_minibatches=2), torch.Generator().manual_seed(seed))
         results.append(training_state(actor, critic, opts))
     assert_same_state_dict(results[0], results[1], "the same generator")
@@ -260,7 +257,7 @@ def order_of(diag, prefix):
 def test_happo_turns_step_on_m_times_ppo_clip_with_the_m_of_the_agents_before(sharing):
     """Agent i_p's turn applies the gradient of M * PPO-clip on its own samples, where M is the product of the preceding
     agents' ratios pi_{k+1}^{i_l} / pi_k^{i_l} under the actor as each left its turn (M = 1 for the first)."""
-    actor, critic, opts, b = conftest.hand_made_batch(H, sharing, logp_noise=0.2)
+    actor, critic, opts, b = hand_made_batch(H, sharing, logp_noise=0.2)
     steps = record_steps(opts[0])
     _, diag = H.happo_update(actor, critic, opts, b, H.Args(sharing=sharing, **PLAIN), torch.Generator().manual_seed(2))
     order, per_turn = order_of(diag, "happo"), PLAIN["update_epochs"]
@@ -283,7 +280,7 @@ def test_happo_critic_is_fitted_once_after_the_turns_as_mappos(sharing):
     turns: from the same start the critic (and its Adam) ends bit-for-bit as MAPPO's (one minibatch: no draws)."""
     results = []
     for script, update in ((H, H.happo_update), (M, M.mappo_update)):
-        actor, critic, opts, b = conftest.hand_made_batch(script, sharing)
+        actor, critic, opts, b = hand_made_batch(script, sharing)
         stats, _ = update(actor, critic, opts, b, script.Args(sharing=sharing, update_epochs=3, num_minibatches=1))
         state = training_state(actor, critic, opts)
         results.append(({k: v for k, v in state.items() if k.startswith("critic")}, stats[1]))
@@ -294,9 +291,9 @@ def test_happo_critic_is_fitted_once_after_the_turns_as_mappos(sharing):
 @pytest.mark.parametrize("sharing", ["full", "none"])
 def test_happo_critic_fit_draws_minibatches_as_mappo_does(sharing):
     args = dict(sharing=sharing, update_epochs=2, num_minibatches=2)
-    actor, critic, opts, b = conftest.hand_made_batch(H, sharing)
+    actor, critic, opts, b = hand_made_batch(H, sharing)
     v_loss = H.happo_critic_fit(critic, opts[1], b, H.Args(**args), torch.Generator().manual_seed(6))
-    m_actor, m_critic, m_opts, m_b = conftest.hand_made_batch(M, sharing)
+    m_actor, m_critic, m_opts, m_b = hand_made_batch(M, sharing)
     stats, _ = M.mappo_update(m_actor, m_critic, m_opts, m_b, M.Args(**args), torch.Generator().manual_seed(6))
     assert_same_state_dict(m_critic.state_dict(), critic.state_dict(), "critic")
     torch.testing.assert_close(v_loss, stats[1])
@@ -306,7 +303,7 @@ def test_happo_critic_fit_draws_minibatches_as_mappo_does(sharing):
 def test_happo_turn_steps_on_the_entropy_bonus_too_and_logs_its_statistics(sharing):
     """A turn's loss is -(M * PPO-clip) - ent_coef * entropy, both means over the agent's alive samples; the turn logs
     that policy loss, the entropy, the approximate KL and the clip fraction of the samples it stepped on."""
-    actor, critic, opts, b = conftest.hand_made_batch(H, sharing, logp_noise=0.2)
+    actor, critic, opts, b = hand_made_batch(H, sharing, logp_noise=0.2)
     steps = record_steps(opts[0])
     args = H.Args(sharing=sharing, update_epochs=1, num_minibatches=1, ent_coef=0.5, max_grad_norm=1e9)
     agent, factor = 1, 0.5 + torch.rand(T, E, generator=torch.Generator().manual_seed(0))
@@ -314,7 +311,7 @@ def test_happo_turn_steps_on_the_entropy_bonus_too_and_logs_its_statistics(shari
     net = at(actor, steps[0][0])
     logp, entropy = H.evaluate_actions(net, b["obs"], b["avail"], b["actions"], b["h0"], b["starts"])
     log_ratio = logp[:, agent] - b["logp"][:, agent]
-    ratio, act = log_ratio.exp(), b["active"][:, agent]
+    ratio = log_ratio.exp()
     pg_loss = -agent_mean(factor * ppo_clip(ratio, b["adv"][:, agent]), b["active"], agent)
     ent = agent_mean(entropy[:, agent], b["active"], agent)
     expected = torch.autograd.grad(pg_loss - args.ent_coef * ent, list(net.parameters()))
@@ -332,7 +329,7 @@ def test_happo_generator_draws_the_order_and_every_minibatch():
     torch's global generator, seeded differently, changes nothing."""
     results = []
     for seed, global_seed in ((3, 0), (3, 9), (4, 0)):
-        actor, critic, opts, b = conftest.hand_made_batch(H, "none")
+        actor, critic, opts, b = hand_made_batch(H, "none")
         torch.manual_seed(global_seed)
         args = H.Args(sharing="none", update_epochs=2, num_minibatches=2)
         _, diag = H.happo_update(actor, critic, opts, b, args, torch.Generator().manual_seed(seed))
@@ -347,7 +344,7 @@ def test_happo_generator_draws_the_order_and_every_minibatch():
 def test_happo_fixed_order_and_the_logged_factors_and_kls(sharing):
     """--fixed-order takes the agents as numbered; each agent's logged M (mean and max over its alive samples) is the M
     its turn used, and its KL after the turn is measured under the actor as its turn left it."""
-    actor, critic, opts, b = conftest.hand_made_batch(H, sharing, logp_noise=0.2)
+    actor, critic, opts, b = hand_made_batch(H, sharing, logp_noise=0.2)
     steps = record_steps(opts[0])
     args = H.Args(sharing=sharing, fixed_order=True, **PLAIN)
     _, diag = H.happo_update(actor, critic, opts, b, args, torch.Generator().manual_seed(2))
@@ -366,8 +363,8 @@ def test_happo_fixed_order_and_the_logged_factors_and_kls(sharing):
 
 # ---------------------------------------------------------------------------------------------- A2PO (Algorithms 1, 2)
 def a2po_batch(sharing):
-    """conftest's batch with PreOPC's inputs (eq. 2) and a value normaliser, as a2po_smac.py builds them."""
-    actor, critic, opts, b = conftest.hand_made_batch(A, sharing, logp_noise=0.2)
+    """hand_made_batch's batch with PreOPC's inputs (eq. 2) and a value normaliser, as a2po_smac.py builds them."""
+    actor, critic, opts, b = hand_made_batch(A, sharing, logp_noise=0.2)
     gen = torch.Generator().manual_seed(1)
     value_norm = A.ValueNorm()
     value_norm.update(1 + torch.randn(100, generator=gen))
@@ -407,7 +404,7 @@ def test_a2po_turns_step_on_eq_6_with_the_current_product_of_the_agents_that_mov
 
         def loss_of(logp, i=i, eps_i=eps_i, product=product, adv=turns[p][:, i]):
             l = (logp[:, i] - b["logp"][:, i]).exp() * product.clamp(1 - eps_i / 2, 1 + eps_i / 2)  # noqa: E741
-            return -agent_mean(torch.min(l * adv, l.clamp(1 - eps_i, 1 + eps_i) * adv), b["active"], i)
+            return -agent_mean(ppo_clip(l, adv, eps_i), b["active"], i)
 
         assert_step_follows(A, steps[p * per_turn], actor, b, loss_of)
 

@@ -10,9 +10,10 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import assert_watchable, run_dir, run_script
+from harness import run_dir, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_env import FakeSC2Env
+from video import assert_watchable
 
 SCRIPTS = ["mappo_smac"]  # the SMAC scripts with --capture-video
 
