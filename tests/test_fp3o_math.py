@@ -78,8 +78,11 @@ def test_dependent_step_gradient_equals_product_of_other_ratios_times_ppo_clip(n
 
 
 def test_objective_gradient_flows_only_through_ratio():
-    """The factors are fixed weights: gradients never reach them (the loop passes detached tensors; here we check
-    the objective does not need them to require grad and that a float32 batch works as in training)."""
+    """The factors are fixed weights: the intermediate ratios they are made of come without gradients (rollout_logp,
+    as the update computes them), and the objective's gradient in the ratio is factor_ij * factor_j * A where the
+    unclipped term is the minimum, 0 where the clipped one is; on a float32 batch as in training."""
+    actor, _, _, b = hand_made_batch(F, "full")
+    assert any(p.requires_grad for p in actor.parameters()) and not F.rollout_logp(actor, b).requires_grad
     gen = torch.Generator().manual_seed(3)
     rho = (0.5 + torch.rand(4, 3, 10, generator=gen))
     ratio = (0.5 + torch.rand(4, 3, 10, generator=gen)).requires_grad_()
@@ -88,7 +91,9 @@ def test_objective_gradient_flows_only_through_ratio():
     obj = F.fp3o_objective(ratio, adv, f_ij, f_j, EPS)
     assert obj.dtype == torch.float32 and obj.shape == (4, 3, 10)
     obj.sum().backward()
-    assert torch.isfinite(ratio.grad).all() and ratio.grad.abs().sum() > 0
+    clipped = clip_active(ratio.detach(), adv)
+    assert clipped.any() and (~clipped).any() and (f_ij - 1).abs().min() > 0 and (f_j - 1).abs().min() > 0
+    torch.testing.assert_close(ratio.grad, torch.where(clipped, torch.zeros_like(adv), f_ij * f_j * adv))
 
 
 # ---------------------------------------------------------------------------------------------- factors
