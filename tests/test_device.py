@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import ON_DEVICE, ROOT, script_env
 from harness import Job, describe, run_scripts
-from readers import assert_same_training_state, find_checkpoint
+from readers import assert_same_training_state, assert_same_tree, find_checkpoint
 
 SMAC = ["--map", "2s3z", "--num-envs", 8, "--num-steps", 8, "--eval-episodes", 4, "--eval-interval", 1]
 SCRIPTS = {  # script: (flags of a tiny run, environment steps per iteration)
@@ -176,3 +176,4 @@ def test_resume_on_the_gpu_equals_an_uninterrupted_run(runs, script):
     assert half["iteration"] == 1 and half["rng"].get("cuda"), "stopped after one iteration, with CUDA's RNG state"
     assert any(not torch.equal(half["actor"][k], ref["actor"][k]) for k in ref["actor"]), "the second iteration trained"
     assert_same_training_state(ref, res, 2, 2 * steps)
+    assert_same_tree(ref["rng"]["cuda"], res["rng"]["cuda"], "CUDA's RNG state")  # the GPU's samples went alike
