@@ -14,7 +14,8 @@ from harness import describe
 
 FAKE = '''
 """Fake SMAC script: iterations of ROLLOUT + UPDATE seconds (rollout x2 with JAX_PLATFORMS=cpu), logged as the real
-scripts log them; with --eval-interval, an evaluation win rate of iteration / 40 (0.95 at iteration 38)."""
+scripts log them, after 5 s per seed above 1 (as if compiling); with --eval-interval, an evaluation win rate of
+iteration / 40 (0.95 at iteration 38)."""
 import argparse, os, time
 import devcheck_probe  # installed by device_check.py from the wheels folder
 from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -29,6 +30,7 @@ a = p.parse_args()
 ROLLOUT, UPDATE = {rollout} * (2 if os.environ.get("JAX_PLATFORMS") == "cpu" else 1), {update}
 batch = int(a.num_envs or 128) * int(a.num_steps or 25)
 w = EventFileWriter(f"runs/{{a.map}}__fake__{{a.sharing}}__{{a.seed}}__0")
+time.sleep(5 * (int(a.seed) - 1))
 
 
 def log(tag, value, step):
@@ -100,7 +102,7 @@ def test_tiny_device_check_with_fake_scripts(tmp_path):
     wheels.mkdir()
     make_wheel(wheels, "devcheck_probe", {"devcheck_probe.py": "", "jax/__init__.py": STAND_IN_JAX})
     out, site = tmp_path / "gpu.md", tmp_path / "site"
-    flags = ["--budget-s", 40, "--out", out, "--wheels", wheels, "--site", site, "--modules", "devcheck_probe",
+    flags = ["--budget-s", 60, "--out", out, "--wheels", wheels, "--site", site, "--modules", "devcheck_probe",
              "--tests", tmp_path / "test_fake_device.py", "--scripts", *(tmp_path / s for s in scripts)]
     proc = device_check("--tiny", *flags, cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
@@ -120,7 +122,7 @@ def test_tiny_device_check_with_fake_scripts(tmp_path):
             assert share == f"{update / (rollout + update):.0%}"
             assert float(peak) > 10
 
-    (side,) = rows(report, "2")  # two fp3o runs at once: each 64 steps per 0.05 s (sleeps, so barely slowed)
+    (side,) = rows(report, "2")  # two fp3o runs, the second 5 s late: each 64 steps per 0.05 s while both train
     aggregate, per_run, ratio, window = float(side[1]), float(side[2]), float(side[3].rstrip("x")), float(side[4])
     assert 2 * batch / 0.05 * 0.7 < aggregate <= 2 * batch / 0.05 * 1.05 and per_run == pytest.approx(aggregate / 2, abs=1)
     assert ratio == pytest.approx(aggregate / (batch / 0.05), abs=0.01) and window > 1, report
