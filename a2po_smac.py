@@ -629,6 +629,50 @@ def value_loss_fn(new_values, old_values, returns_n, weights, clip_coef, delta):
     return (torch.max(huber(new_values), huber(clipped)) * weights).sum()
 
 
+@torch.no_grad()
+def rollout(actor, critic, envs, nxt, h, start, num_steps):
+    """`num_steps` steps of every environment under pi_k from `nxt` (the envs' last output), the GRU state h [N, E, H] and
+    start [E] (1 where the obs starts an episode). Returns (buf: the rollout, agents second [T, N, E, ...]: obs, state,
+    avail, active, actions, logp (log pi_k), values (normalised V), starts [T, E] and h0, the GRU state it began with;
+    rewards [T, E]; the envs' output, h and start after it; the returns and wins of the episodes that ended in it)."""
+    N, E, T, device = envs.n_agents, envs.num_envs, num_steps, h.device
+    zeros = lambda *shape, dtype=torch.float32: torch.zeros(T, *shape, dtype=dtype, device=device)
+    buf = dict(obs=zeros(N, E, envs.obs_dim), state=zeros(N, E, envs.state_dim), actions=zeros(N, E, dtype=torch.long),
+               avail=zeros(N, E, envs.n_actions, dtype=torch.bool), logp=zeros(N, E), values=zeros(N, E), active=zeros(N, E),
+               starts=zeros(E), h0=h.clone())
+    rewards, ep_returns, ep_wins = zeros(E), [], []
+    for t in range(T):
+        for k in ("obs", "state", "avail", "active"):
+            buf[k][t] = nxt[k].transpose(0, 1)
+        buf["starts"][t] = start
+        logits, h = actor(buf["obs"][t : t + 1], h, start[None])
+        dist = torch.distributions.Categorical(logits=masked_logits(logits[0], buf["avail"][t]))
+        action = dist.sample()
+        buf["actions"][t], buf["logp"][t] = action, dist.log_prob(action)
+        buf["values"][t] = critic(buf["state"][t : t + 1])[0][0, ..., 0]
+        nxt = envs.step(action.T)
+        rewards[t], start = nxt["reward"], nxt["first"].float()  # GAE and the GRU stop at episode starts
+        if nxt["done"].any():
+            ep_returns.append(nxt["ep_return"][nxt["done"]])
+            ep_wins.append(nxt["ep_won"][nxt["done"]])
+    return buf, rewards, nxt, h, start, ep_returns, ep_wins
+
+
+@torch.no_grad()
+def rollout_batch(buf, rewards, critic, value_norm, nxt, start, args):
+    """The update's batch from rollout()'s output and eq. 2's inputs: (b, trace). b: buf's fields, the advantages "adv" (GAE
+    bootstrapped from the critic's value of the next state, cut where `start` begins an episode; every agent's A^i is this
+    joint advantage, standardised per agent over the active samples) and the returns "returns_n", normalised by value_norm
+    once it has taken in those of the active samples; trace: PreOPC's rollout inputs, which a2po_update re-weights."""
+    next_value = critic(nxt["state"].transpose(0, 1)[None])[0][0, ..., 0]
+    # GAE on de-normalised values; every agent sees the team reward and its own V(s, o^i)
+    values_d, next_value_d = value_norm.denormalize(buf["values"]), value_norm.denormalize(next_value)
+    trace = (rewards[:, None], values_d, buf["starts"][:, None], next_value_d, start[None])  # PreOPC's inputs (eq. 2)
+    adv, returns = preopc_advantages(*trace, torch.ones_like(values_d), args.gamma, args.gae_lambda)  # weights 1: GAE
+    value_norm.update(returns[buf["active"].bool()])  # before the returns of the batch are normalised
+    return {**buf, "adv": standardize_per_agent(adv, buf["active"]), "returns_n": value_norm.normalize(returns)}, trace
+
+
 def a2po_turn(actor, critic, opts, b, block, clip, epochs, per_agent, args, generator=None):
     """A block's turn (Algorithm 1 lines 10-12): `epochs` epochs of minibatches over environments, only the `block`'s agents'
     samples in the networks (eq. 6, eps_k = clip [1, N, 1]; critic: b["returns_n"]); others' `per_agent` slices stay intact."""
@@ -790,14 +834,6 @@ if __name__ == "__main__":
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
     ckpt_path = f"runs/{run_name}/checkpoint.pt"
-    # rollout storage, agents second: [T, N, E, ...]
-    buf = dict(obs=torch.zeros(T, N, E, envs.obs_dim, device=device),
-               state=torch.zeros(T, N, E, envs.state_dim, device=device),
-               avail=torch.zeros(T, N, E, A, dtype=torch.bool, device=device),
-               actions=torch.zeros(T, N, E, dtype=torch.long, device=device),
-               logp=torch.zeros(T, N, E, device=device), values=torch.zeros(T, N, E, device=device),
-               active=torch.zeros(T, N, E, device=device), starts=torch.zeros(T, E, device=device))  # fmt: skip
-    rewards = torch.zeros(T, E, device=device)
     num_iterations = args.total_timesteps // (E * T)
     global_step, first_iteration, win_rate = 0, 1, float("nan")
     actor_steps = {"n": 0}  # actor optimiser steps so far: the x of benchmark/report.py's compute-matched curves
@@ -823,30 +859,10 @@ if __name__ == "__main__":
     start_time, start_step = time.time(), global_step
 
     for iteration in range(first_iteration, num_iterations + 1):
-        t0, h0, ep_returns, ep_wins = time.time(), h.clone(), [], []
-        with torch.no_grad():
-            for t in range(T):
-                for k in ("obs", "state", "avail", "active"):
-                    buf[k][t] = nxt[k].transpose(0, 1)
-                buf["starts"][t] = start
-                logits, h = actor(buf["obs"][t : t + 1], h, start[None])
-                dist = torch.distributions.Categorical(logits=masked_logits(logits[0], buf["avail"][t]))
-                action = dist.sample()
-                buf["actions"][t], buf["logp"][t] = action, dist.log_prob(action)
-                buf["values"][t] = critic(buf["state"][t : t + 1])[0][0, ..., 0]
-                nxt = envs.step(action.T)
-                rewards[t], start = nxt["reward"], nxt["first"].float()  # GAE and the GRU stop at episode starts
-                if nxt["done"].any():
-                    ep_returns.append(nxt["ep_return"][nxt["done"]])
-                    ep_wins.append(nxt["ep_won"][nxt["done"]])
-            global_step += E * T
-            next_value = critic(nxt["state"].transpose(0, 1)[None])[0][0, ..., 0]
-            # GAE on de-normalised values; every agent sees the team reward and its own V(s, o^i)
-            values_d, next_value_d = value_norm.denormalize(buf["values"]), value_norm.denormalize(next_value)
-            trace = (rewards[:, None], values_d, buf["starts"][:, None], next_value_d, start[None])  # PreOPC's inputs (eq. 2)
-            adv, returns = preopc_advantages(*trace, torch.ones_like(values_d), args.gamma, args.gae_lambda)  # weights 1: GAE
-            value_norm.update(returns[buf["active"].bool()])
-            b = {**buf, "adv": standardize_per_agent(adv, buf["active"]), "returns_n": value_norm.normalize(returns), "h0": h0}
+        t0 = time.time()
+        buf, rewards, nxt, h, start, ep_returns, ep_wins = rollout(actor, critic, envs, nxt, h, start, T)
+        global_step += E * T
+        b, trace = rollout_batch(buf, rewards, critic, value_norm, nxt, start, args)
         rollout_time, t1 = time.time() - t0, time.time()
 
         # ---- A2PO update (Algorithm 1, or 2 with a shared actor): the blocks of a fresh agent order take turns ----
