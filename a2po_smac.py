@@ -11,7 +11,9 @@ import contextlib
 import glob
 import multiprocessing as mp
 import os
+import pickle
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -161,17 +163,37 @@ def check_args(args: Args):
         fail(f"--total-timesteps ({args.total_timesteps}) is less than one iteration, --num-envs x --num-steps")
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, eval_only: bool = False) -> dict:
     """This script's checkpoint at `path`, or one `error:` line that says what is wrong with the file."""
     if not os.path.isfile(path):
         fail(f"no checkpoint at '{path}'")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, corrupt, or not a torch file
-        fail(f"cannot read the checkpoint '{path}' ({type(e).__name__}): resume from an earlier one")
-    if not (isinstance(ckpt, dict) and "actor" in ckpt and set(ckpt.get("args", ())) <= set(Args.__dataclass_fields__)):
+    try:  # weights_only: tensors, numbers, strings and containers; any other object is refused before it is built
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an object it refuses (named, not imported), or a truncated, corrupt or not a torch file
+        names = re.findall(r"(?:GLOBAL|class) ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else []
+        if not names:
+            fail(f"cannot read the checkpoint '{path}' ({type(e).__name__}): resume from an earlier one")
+        names = sorted(set(getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", lambda _: names)(path)))
+        if all(n.split(".")[0] in ("numpy", "jaxmarl") for n in names):
+            fail(f"'{path}' is an older version's checkpoint (pickled numpy and jaxmarl objects, unsafe to load): train again"
+                 f", or if you trust it convert it and --resume {path}.new: python -c \"import jax,runpy,torch as t; c=t.load("
+                 f"{path!r},weights_only=False); c['env_state']=jax.tree.leaves(c['env_state']); t.save(runpy.run_path("
+                 f"{os.path.abspath(__file__)!r})['plain'](c),{path + '.new'!r})\"")
+        fail(f"'{path}' holds pickled objects that loading would run as code ({', '.join(names)}): refused unopened")
+    if not (isinstance(ckpt, dict) and set(ckpt.get("args", ())) <= set(Args.__dataclass_fields__)):
         fail(f"'{path}' is not a checkpoint of {os.path.basename(__file__)} (--save-model writes one)")
+    fields = ("args run_name actor global_step iteration win_rate critic actor_opt critic_opt value_norm env_state next h "
+              "start rng.torch rng.numpy rng.python").split()[: 4 if eval_only else None]  # --eval-only reads the first four
+    if missing := [k for k in fields if k.split(".")[-1] not in (ckpt.get("rng", {}) if "." in k else ckpt)]:
+        fail(f"the checkpoint '{path}' lacks {', '.join(missing)}: damaged, or not one that --save-model wrote")
     return ckpt
+
+
+def plain(x):
+    """x with its numpy arrays as tensors (unsigned ones as int64), in lists, tuples and dicts: what checkpoints hold."""
+    if isinstance(x, (list, tuple, dict)):
+        return {k: plain(v) for k, v in x.items()} if isinstance(x, dict) else type(x)(map(plain, x))
+    return torch.from_numpy(x.astype(np.int64 if x.dtype.kind == "u" else x.dtype)) if isinstance(x, np.ndarray) else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,6 +242,7 @@ def import_smax():
     sys.stdout.flush()
     saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # jaxmarl prints on import (and swaps sys.stdout): silence file descriptor 1
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # jax takes GPU memory as needed, sharing it with torch
     try:
         import jax
         from jaxmarl.environments import smax
@@ -287,11 +310,12 @@ class SmaxEnvs:
         res["done"] = res["first"] = res["terminated"]
         return res
 
-    def get_state(self):  # for exact resume
-        return self.jax.device_get(self.carry)
+    def get_state(self):  # for exact resume: the carry's leaves as tensors, its structure comes from a fresh reset
+        return plain(self.jax.device_get(self.jax.tree.leaves(self.carry)))
 
-    def set_state(self, carry):
-        self.carry = self.jax.tree.map(self.jax.numpy.asarray, carry)
+    def set_state(self, leaves):
+        fresh, tree = self.jax.tree.flatten(self.carry)
+        self.carry = tree.unflatten([self.jax.numpy.asarray(x.numpy(), y.dtype) for x, y in zip(leaves, fresh, strict=True)])
 
     def close(self):
         pass
@@ -786,7 +810,7 @@ if __name__ == "__main__":
         if extra:
             fail(f"--resume continues the saved run with its own settings: drop {extra} (with --resume only --eval-only, "
                  "--total-timesteps, --track and --[no-]progress-bar apply)")
-        ckpt = load_checkpoint(args.resume)
+        ckpt = load_checkpoint(args.resume, args.eval_only)
         cli = {k: getattr(args, k) for k in RESUME_FLAGS if k in given or k == "resume"}
         args = Args(**{**ckpt["args"], **cli, "save_model": True})
     elif args.eval_only:
@@ -845,14 +869,14 @@ if __name__ == "__main__":
         modules = {"actor": actor, "critic": critic, "actor_opt": opts[0], "critic_opt": opts[1], "value_norm": value_norm}
         for key, module in modules.items():
             module.load_state_dict(ckpt[key])
-        global_step, first_iteration, win_rate = ckpt["global_step"], ckpt["iteration"] + 1, ckpt["win_rate"]
+        global_step, first_iteration, win_rate, rng = ckpt["global_step"], ckpt["iteration"] + 1, ckpt["win_rate"], ckpt["rng"]
         actor_steps["n"] = ckpt.get("actor_steps", 0)
-        if ckpt["env_state"] is not None:  # SMAX: continue the very same episodes
+        if ckpt["env_state"]:  # SMAX: continue the very same episodes
             envs.set_state(ckpt["env_state"])
             nxt = {k: v.to(device) for k, v in ckpt["next"].items()}
             h, start = ckpt["h"].to(device), ckpt["start"].to(device)
-        torch.set_rng_state(ckpt["rng"]["torch"]), np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
+        torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
+        torch.cuda.set_rng_state_all(rng["cuda"]) if rng.get("cuda") and device.type == "cuda" else None
     progress = None
     if args.progress_bar:
         progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True)
@@ -903,7 +927,8 @@ if __name__ == "__main__":
                 "actor": actor.state_dict(), "critic": critic.state_dict(),
                 "actor_opt": opts[0].state_dict(), "critic_opt": opts[1].state_dict(), "value_norm": value_norm.state_dict(),
                 "env_state": envs.get_state(), "next": {k: v.clone() for k, v in nxt.items()}, "h": h, "start": start,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "rng": plain({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                              "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}),
             }, ckpt_path + ".tmp")  # fmt: skip
             os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash while saving keeps the last checkpoint
 

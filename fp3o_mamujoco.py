@@ -16,7 +16,9 @@ import fcntl
 import io
 import math
 import os
+import pickle
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -197,17 +199,36 @@ def offscreen_gl() -> str:
     fail("--capture-video needs MuJoCo's offscreen rendering: EGL (Debian/Ubuntu: apt install libegl1) or OSMesa (libosmesa6)")
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, eval_only: bool = False) -> dict:
     """This script's checkpoint at `path`, or one `error:` line that says what is wrong with the file."""
     if not os.path.isfile(path):
         fail(f"no checkpoint at '{path}'")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, corrupt, or not a torch file
-        fail(f"cannot read the checkpoint '{path}' ({type(e).__name__}): resume from an earlier one")
-    if not (isinstance(ckpt, dict) and "actor" in ckpt and set(ckpt.get("args", ())) <= set(Args.__dataclass_fields__)):
+    try:  # weights_only: tensors, numbers, strings and containers; any other object is refused before it is built
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an object it refuses (named, not imported), or a truncated, corrupt or not a torch file
+        names = re.findall(r"(?:GLOBAL|class) ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else []
+        if not names:
+            fail(f"cannot read the checkpoint '{path}' ({type(e).__name__}): resume from an earlier one")
+        names = sorted(set(getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", lambda _: names)(path)))
+        if all(n.split(".")[0] == "numpy" for n in names):
+            fail(f"'{path}' is an older version's checkpoint (pickled numpy objects, unsafe to load): train again, or if you "
+                 f"trust it convert it and --resume {path}.new: python -c \"import runpy,torch as t; t.save(runpy.run_path("
+                 f"{os.path.abspath(__file__)!r})['plain'](t.load({path!r},weights_only=False)),{path + '.new'!r})\"")
+        fail(f"'{path}' holds pickled objects that loading would run as code ({', '.join(names)}): refused unopened")
+    if not (isinstance(ckpt, dict) and set(ckpt.get("args", ())) <= set(Args.__dataclass_fields__)):
         fail(f"'{path}' is not a checkpoint of {os.path.basename(__file__)} (--save-model writes one)")
+    fields = ("args run_name actor obs_norm global_step iteration last_return critic actor_opt critic_opt value_norm "
+              "state_norm env_state next rng.torch rng.numpy rng.python").split()[: 5 if eval_only else None]  # --eval-only: 5
+    if missing := [k for k in fields if k.split(".")[-1] not in (ckpt.get("rng", {}) if "." in k else ckpt)]:
+        fail(f"the checkpoint '{path}' lacks {', '.join(missing)}: damaged, or not one that --save-model wrote")
     return ckpt
+
+
+def plain(x):
+    """x with its numpy arrays as tensors (unsigned ones as int64), in lists, tuples and dicts: what checkpoints hold."""
+    if isinstance(x, (list, tuple, dict)):
+        return {k: plain(v) for k, v in x.items()} if isinstance(x, dict) else type(x)(map(plain, x))
+    return torch.from_numpy(x.astype(np.int64 if x.dtype.kind == "u" else x.dtype)) if isinstance(x, np.ndarray) else x
 
 
 def default_clip_coef(scenario: str, agent_conf: str) -> float:
@@ -377,11 +398,11 @@ class MaMuJoCoEnvs:
     def render(self, i: int) -> np.ndarray:  # env i's frame [H, W, 3] (envs made with render=True, in this process)
         return self.envs.envs[i].env.render()
 
-    def get_state(self):  # for exact resume
-        return dict(sim=self.envs.get_attr("sim_state"), ep_return=self.ep_return.copy(), ep_length=self.ep_length.copy())
+    def get_state(self):  # for exact resume, in tensors and numbers
+        return plain(dict(sim=self.envs.get_attr("sim_state"), ep_return=self.ep_return, ep_length=self.ep_length))
 
     def set_state(self, s):
-        self.envs.set_attr("sim_state", list(s["sim"]))
+        self.envs.set_attr("sim_state", [{**sim, "mj": np.asarray(sim["mj"])} for sim in s["sim"]])
         self.ep_return[:], self.ep_length[:] = s["ep_return"], s["ep_length"]
 
     def close(self):
@@ -772,7 +793,7 @@ if __name__ == "__main__":
         if extra:
             fail(f"--resume continues the saved run with its own settings: drop {extra} (with --resume only "
                  f"{', '.join('--' + name.replace('_', '-') for name in RESUME_FLAGS[1:])} apply)")
-        ckpt = load_checkpoint(args.resume)
+        ckpt = load_checkpoint(args.resume, args.eval_only)
         cli = {k: getattr(args, k) for k in RESUME_FLAGS if k in given or k == "resume"}
         args = Args(**{**ckpt["args"], **cli, "save_model": True})
     elif args.eval_only:
@@ -839,8 +860,7 @@ if __name__ == "__main__":
         nxt = {k: v.to(device) for k, v in ckpt["next"].items()}
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
-        if rng["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        torch.cuda.set_rng_state_all(rng["cuda"]) if rng.get("cuda") and device.type == "cuda" else None
     progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", disable=not args.progress_bar)
     start_time, start_step, eval_return = time.time(), global_step, float("nan")  # the latest evaluation's
 
@@ -897,8 +917,8 @@ if __name__ == "__main__":
                 "args": asdict(args), "run_name": run_name, "iteration": iteration, "global_step": global_step,
                 "last_return": last_return, **{k: m.state_dict() for k, m in saved.items()}, "env_state": envs.get_state(),
                 "next": {k: v.clone() for k, v in nxt.items() if torch.is_tensor(v)},
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
+                "rng": plain({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                              "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}),
             }, ckpt_path + ".tmp")  # fmt: skip
             os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash while saving keeps the last checkpoint
 

@@ -15,6 +15,7 @@ import importlib
 import os
 import pickle
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -166,17 +167,38 @@ def check_args(args: Args):
             fail("--capture-video needs imageio-ffmpeg and moviepy to write videos: pip install -r requirements.txt")
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, eval_only: bool = False) -> dict:
     """This script's checkpoint at `path`, or one `error:` line that says what is wrong with the file."""
     if not os.path.isfile(path):
         fail(f"no checkpoint at '{path}'")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, corrupt, or not a torch file
-        fail(f"cannot read the checkpoint '{path}' ({type(e).__name__}): resume from an earlier one")
-    if not (isinstance(ckpt, dict) and "actor" in ckpt and set(ckpt.get("args", ())) <= set(Args.__dataclass_fields__)):
+    try:  # weights_only: tensors, numbers, strings and containers; any other object is refused before it is built
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an object it refuses (named, not imported), or a truncated, corrupt or not a torch file
+        names = re.findall(r"(?:GLOBAL|class) ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else []
+        if not names:
+            fail(f"cannot read the checkpoint '{path}' ({type(e).__name__}): resume from an earlier one")
+        names = sorted(set(getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", lambda _: names)(path)))
+        if all(n.split(".")[0] == "numpy" for n in names):  # and its worlds pickled in bytes
+            fail(f"'{path}' is an older version's checkpoint (pickled numpy and mpe2 objects, unsafe to load): train again, "
+                 f"or if you trust it convert it and --resume {path}.new: python -c \"import pickle,runpy,torch as t; S=runpy."
+                 f"run_path({os.path.abspath(__file__)!r}); c=t.load({path!r},weights_only=False); e=c['env_state']; "
+                 f"e['worlds']=[S['world_state'](*pickle.loads(w)) for w in e['worlds']]; t.save(S['plain'](c),"
+                 f"{path + '.new'!r})\"")
+        fail(f"'{path}' holds pickled objects that loading would run as code ({', '.join(names)}): refused unopened")
+    if not (isinstance(ckpt, dict) and set(ckpt.get("args", ())) <= set(Args.__dataclass_fields__)):
         fail(f"'{path}' is not a checkpoint of {os.path.basename(__file__)} (--save-model writes one)")
+    fields = ("args run_name actor global_step iteration last_return critic actor_opt critic_opt value_norm env_state "
+              "next_obs rng.torch rng.numpy rng.python").split()[: 4 if eval_only else None]  # --eval-only reads the first 4
+    if missing := [k for k in fields if k.split(".")[-1] not in (ckpt.get("rng", {}) if "." in k else ckpt)]:
+        fail(f"the checkpoint '{path}' lacks {', '.join(missing)}: damaged, or not one that --save-model wrote")
     return ckpt
+
+
+def plain(x):
+    """x with its numpy arrays as tensors (unsigned ones as int64), in lists, tuples and dicts: what checkpoints hold."""
+    if isinstance(x, (list, tuple, dict)):
+        return {k: plain(v) for k, v in x.items()} if isinstance(x, dict) else type(x)(map(plain, x))
+    return torch.from_numpy(x.astype(np.int64 if x.dtype.kind == "u" else x.dtype)) if isinstance(x, np.ndarray) else x
 
 
 def env_options(args: Args) -> dict:
@@ -194,6 +216,47 @@ def env_options(args: Args) -> dict:
     if options.get("N", 1) < 1 or args.max_cycles < 1:
         fail("--num-agents and --max-cycles must be at least 1")
     return options
+
+
+def world_state(world, np_random, steps) -> dict:
+    """An mpe2 world (positions, velocities, messages, colours, goals...), its env's generator state and step count, as
+    tensors, numbers and strings: every object as the dict of its attributes, an entity as ("entity", its index)."""
+    entities = world.entities
+    attributes = lambda obj: {k: value(v) for k, v in vars(obj).items()}
+
+    def value(v):
+        if any(v is e for e in entities):
+            return ("entity", next(i for i, e in enumerate(entities) if v is e))
+        if isinstance(v, (list, tuple)):
+            return [value(x) for x in v]
+        return attributes(v) if hasattr(v, "__dict__") else plain(v)
+
+    return dict(world=attributes(world), entities=[attributes(e) for e in entities], rng=np_random.bit_generator.state,
+                steps=steps)
+
+
+def set_world_state(env, state: dict):
+    """Puts world_state's record into `env` (an env of the same task, reset: its objects take the saved values)."""
+    u = env.unwrapped
+    entities = u.world.entities
+
+    def put(obj, attributes: dict):
+        for k, v in attributes.items():
+            setattr(obj, k, value(getattr(obj, k, None), v))
+
+    def value(current, v):
+        if isinstance(v, tuple):
+            return entities[v[1]]
+        if isinstance(v, list):
+            return [value(None, x) for x in v]
+        if isinstance(v, dict):
+            return put(current, v) or current
+        return v.numpy().copy() if torch.is_tensor(v) else v
+
+    put(u.world, state["world"])
+    for entity, attributes in zip(entities, state["entities"], strict=True):
+        put(entity, attributes)
+    u.np_random.bit_generator.state, u.steps = state["rng"], state["steps"]
 
 
 class MpeEnvs:
@@ -257,13 +320,13 @@ class MpeEnvs:
         return self.envs[i].render()
 
     def get_state(self):
-        """For exact resume: every world (positions, velocities, goals), its generator and step count."""
-        worlds = [pickle.dumps((e.unwrapped.world, e.unwrapped.np_random, e.unwrapped.steps)) for e in self.envs]
-        return dict(worlds=worlds, ep_return=self.ep_return.copy(), ep_length=self.ep_length.copy())
+        """For exact resume, in tensors, numbers and strings: every world (world_state), the episodes' returns and lengths."""
+        worlds = [world_state(e.unwrapped.world, e.unwrapped.np_random, e.unwrapped.steps) for e in self.envs]
+        return dict(worlds=worlds, ep_return=plain(self.ep_return), ep_length=plain(self.ep_length))
 
     def set_state(self, state):
         for env, saved in zip(self.envs, state["worlds"], strict=True):
-            env.unwrapped.world, env.unwrapped.np_random, env.unwrapped.steps = pickle.loads(saved)
+            set_world_state(env, saved)
         self.ep_return[:], self.ep_length[:] = state["ep_return"], state["ep_length"]
 
     def close(self):
@@ -549,7 +612,7 @@ if __name__ == "__main__":
         if extra:
             fail(f"--resume continues the saved run with its own settings: drop {extra} (with --resume only "
                  f"{', '.join('--' + name.replace('_', '-') for name in RESUME_FLAGS[1:])} apply)")
-        ckpt = load_checkpoint(args.resume)
+        ckpt = load_checkpoint(args.resume, args.eval_only)
         cli = {k: getattr(args, k) for k in RESUME_FLAGS if k in given or k == "resume"}
         args = Args(**{**ckpt["args"], **cli, "save_model": True})
     elif args.eval_only:
@@ -615,8 +678,7 @@ if __name__ == "__main__":
         next_obs = ckpt["next_obs"].to(device)
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
-        if rng["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        torch.cuda.set_rng_state_all(rng["cuda"]) if rng.get("cuda") and device.type == "cuda" else None
     progress = None
     if args.progress_bar:
         progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True)
@@ -662,8 +724,8 @@ if __name__ == "__main__":
                 "last_return": last_return, "actor": actor.state_dict(), "critic": critic.state_dict(),
                 "actor_opt": opts[0].state_dict(), "critic_opt": opts[1].state_dict(), "value_norm": value_norm.state_dict(),
                 "env_state": envs.get_state(), "next_obs": next_obs.cpu(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
+                "rng": plain({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                              "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}),
             }, ckpt_path + ".tmp")  # fmt: skip
             os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash while saving keeps the last checkpoint
 
