@@ -1,7 +1,7 @@
 """Learning checks: every SMAC algorithm, on SMAX 3m with a fixed seed and a small budget, must reach an evaluation win
 rate that a broken update cannot reach (one subprocess run each, about a minute of CPU).
 
-Budgets and thresholds come from runs of each script with these flags at seeds 1, 2 and 3 (README, "Development"): each
+Budgets and thresholds come from runs of each script with these flags at seeds 1, 2 and 3 (docs/development.md): each
 threshold is well below the weakest seed's final evaluation win rate and well above what the same run reaches with a
 broken update (zero learning rate, or the policy loss's sign flipped: 0 wins). The checks assert learning, not time."""
 import pytest
