@@ -93,6 +93,7 @@ class RunLog:
     duration_s: Optional[float] = None
     command: str = ""
     logdir: Optional[str] = None
+    shown_logdir: Optional[str] = None  # logdir as runs.csv names it (portable_path)
     # tag -> [K, 3] (step, value, wall-clock seconds since the run's first event), sorted by step
     scalars: Dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -126,6 +127,22 @@ def tb_dirs(folder: str) -> List[str]:
     return sorted(found)
 
 
+def portable_path(path: str, sweep: str) -> str:
+    """A path under a sweep folder as committed results name it: relative to this directory (the repository root) when
+    it lies below it, else below benchmark/sweeps/ (the sweeps' place in a checkout), not this machine's absolute path."""
+    path = os.path.abspath(path)
+    if path.startswith(os.getcwd() + os.sep):
+        return os.path.relpath(path)
+    return os.path.join("benchmark", "sweeps", os.path.relpath(path, os.path.dirname(os.path.abspath(sweep.rstrip(os.sep)))))
+
+
+def portable_command(command: str) -> str:
+    """A run's command as a user types it from the repository root: `python script.py ...`, not this machine's
+    interpreter and checkout paths (sweep.py's --finished-in compares commands the same way)."""
+    words = shlex.split(command)
+    return shlex.join(["python", os.path.basename(words[1]), *words[2:]]) if len(words) > 1 else command
+
+
 def find_runs(folders: List[str]) -> List[RunLog]:
     runs = []
     for folder in folders:
@@ -139,8 +156,11 @@ def find_runs(folders: List[str]) -> List[RunLog]:
                 if len(dirs) > 1:
                     print(f"warning: {rec['id']} has {len(dirs)} TensorBoard folders; using the newest", file=sys.stderr)
                 dirs.sort(key=lambda d: max(os.path.getmtime(p) for p in glob.glob(os.path.join(d, "events.out.tfevents.*"))))
-                runs.append(RunLog(rec["id"], rec["algorithm"], rec["task"], rec["sharing"], int(rec["seed"]), rec.get("status"),
-                                   rec.get("duration_s"), rec.get("command_line", ""), dirs[-1] if dirs else None))  # fmt: skip
+                logdir = dirs[-1] if dirs else None
+                shown = portable_path(logdir, folder) if logdir else None
+                command = portable_command(rec.get("command_line", ""))
+                labels = (rec["id"], rec["algorithm"], rec["task"], rec["sharing"], int(rec["seed"]))
+                runs.append(RunLog(*labels, rec.get("status"), rec.get("duration_s"), command, logdir, shown))
         else:
             for d in tb_dirs(folder):
                 parts = os.path.basename(d).split("__")
@@ -148,7 +168,8 @@ def find_runs(folders: List[str]) -> List[RunLog]:
                     print(f"warning: skipping {d}: not a run folder named task__exp_name__sharing__seed__time", file=sys.stderr)
                     continue
                 task, exp_name, sharing, seed, _ = parts
-                runs.append(RunLog(os.path.basename(d), algorithm_label(exp_name), task, sharing, int(seed), logdir=d))
+                runs.append(RunLog(os.path.basename(d), algorithm_label(exp_name), task, sharing, int(seed), logdir=d,
+                                   shown_logdir=portable_path(d, folder)))
     for r in runs:
         if r.logdir:
             r.scalars = read_scalars(r.logdir)
@@ -538,7 +559,7 @@ def write_csvs(runs: List[RunLog], args: Args):
         w.writerow(["run", "algorithm", "sharing", "task", "seed", "status", "duration_s", "last_step", "logdir", "command"])
         for r in runs:
             labels = [r.run, r.algorithm, r.sharing, r.task, r.seed]
-            w.writerow(labels + [r.status, r.duration_s, r.last_step(), r.logdir, r.command])
+            w.writerow(labels + [r.status, r.duration_s, r.last_step(), r.shown_logdir or r.logdir, r.command])
 
 
 def main(args: Args, cli: Optional[List[str]] = None):
@@ -561,7 +582,8 @@ def main(args: Args, cli: Optional[List[str]] = None):
     lines, notes = build_table(runs, args)
     lines += reach_tables(runs, args)
     header = [args.title, ""] if args.title else []
-    header += [f"`python benchmark/report.py {shlex.join(cli if cli is not None else args.sweeps)}` on {len(runs)} runs "
+    cli = [portable_path(a, a) if a in args.sweeps else a for a in (cli if cli is not None else args.sweeps)]
+    header += [f"`python benchmark/report.py {shlex.join(cli)}` on {len(runs)} runs "
                f"({sum(r.status == 0 for r in runs)} finished with exit status 0).", ""]  # fmt: skip
     footer = ["Notes:", ""] + [f"- {n}" for n in notes] + [""] if notes else []
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:
