@@ -1,11 +1,13 @@
 """A2PO (Agent-by-agent Policy Optimization) on SMAC maps: SMAX (JaxMARL, no StarCraft II needed), SMAC and SMACv2.
 
-Paper: Wang et al., "Order Matters: Agent-by-agent Policy Optimization" (ICLR 2023), eq. 2 (PreOPC), eq. 6, Algorithms
-1 and 2; a baseline of FP3O (appendix F.3). One iteration: roll out pi_k -> a semi-greedy agent order, whose blocks take
+Examples:
+  python a2po_smac.py --map 3m --total-timesteps 100000             # a short first run on SMAX
+  python a2po_smac.py --map 6h_vs_8z --sharing none --seed 3        # the paper's setting: table E.5's 20M steps
+
+Paper: Wang et al., "Order Matters: Agent-by-agent Policy Optimization" (ICLR 2023), eq. 2 (PreOPC), eq. 6, Algorithms 1
+and 2; a baseline of FP3O (appendix F.3). One iteration: roll out pi_k -> a semi-greedy agent order, whose blocks take
 turns on PPO-clip with eps_k (growing with the position) on r^i times the preceding agents' current joint ratio rho
 clipped to 1 +- eps_k / 2, with advantages traced anew before each turn with weights min(1, rho) (PreOPC).
-
-Usage: python a2po_smac.py --map 6h_vs_8z --sharing none --seed 3
 """
 import contextlib
 import glob
@@ -16,6 +18,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Literal, Optional
@@ -56,6 +59,10 @@ class Args:
     """iterations between evaluations (0 disables evaluation)"""
     eval_episodes: int = 32
     """deterministic episodes per evaluation (the paper uses 32)"""
+    capture_video: bool = False
+    """record evaluation episodes as videos in `runs/{run_name}/videos/`, TensorBoard and (with --track) wandb"""
+    video_episodes: int = 1
+    """episodes recorded per evaluation with `--capture-video` (the first of its deterministic episodes)"""
     progress_bar: bool = True
     """show a progress bar with steps, SPS and the latest win rate"""
     torch_threads: int = 0
@@ -89,8 +96,7 @@ class Args:
     num_minibatches: int = 1
     """the number of mini-batches (split over environments; whole sequences for the GRU)"""
     update_epochs: int = 5
-    """epochs of each turn (Algorithm 1 line 10); a shared actor: ceil(epochs / blocks) rounds of 1 epoch a turn
-    (Algorithm 2)"""
+    """epochs of each turn (Algorithm 1 line 10); a shared actor: ceil(epochs / blocks) rounds of 1-epoch turns (Alg. 2)"""
     clip_coef: float = 0.2
     """the base clipping coefficient eps (also clips the value function; table E.5 sets it for its maps, unless given)"""
     ent_coef: float = 0.01
@@ -124,7 +130,16 @@ PAPER_MAP_SETTINGS = {
     "10m_vs_11m": (0.2, "rnn", (8_000_000, None, None)),
     "3s5z_vs_3s6z": (0.05, "rnn", (12_000_000, None, None)),
 }
-RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar")  # what a resumed run may change
+# what a resumed run may change
+RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar", "capture_video", "video_episodes")
+
+
+def parse_args(argv=None) -> Args:
+    """The command line (default: sys.argv) as Args; --help starts with the module docstring. A bad one: one `error:` line."""
+    try:
+        return tyro.cli(Args, args=argv, description=__doc__)
+    except SystemExit as e:  # tyro has printed what is wrong; --help exits with 0
+        fail("invalid command line (see above; --help lists the options)") if e.code else sys.exit(0)
 
 
 def flags_given(argv) -> set:
@@ -151,7 +166,7 @@ def fail(message: str):
 
 def check_args(args: Args):
     """Settings that cannot train: one `error:` line (exit status 2) before anything starts."""
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "eval_episodes",
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "eval_episodes", "video_episodes",
                  "checkpoint_interval", "learning_rate", "critic_learning_rate", "clip_coef", "max_grad_norm"):
         if not getattr(args, name) > 0:  # NaN too
             fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
@@ -161,6 +176,10 @@ def check_args(args: Args):
         fail(f"--num-envs ({args.num_envs}) must be divisible by --num-minibatches ({args.num_minibatches})")
     if args.total_timesteps < args.num_envs * args.num_steps:
         fail(f"--total-timesteps ({args.total_timesteps}) is less than one iteration, --num-envs x --num-steps")
+    if args.video_episodes > args.eval_episodes:
+        fail(f"--video-episodes ({args.video_episodes}) must not exceed --eval-episodes ({args.eval_episodes})")
+    if args.capture_video and not (importable("imageio_ffmpeg") and importable("moviepy")):
+        fail("--capture-video needs imageio-ffmpeg and moviepy to write videos: pip install -r requirements.txt")
 
 
 def load_checkpoint(path: str, eval_only: bool = False) -> dict:
@@ -196,18 +215,14 @@ def plain(x):
     return torch.from_numpy(x.astype(np.int64 if x.dtype.kind == "u" else x.dtype)) if isinstance(x, np.ndarray) else x
 
 
-# ----------------------------------------------------------------------------------------------
 # Environments. Every backend: reset(seed) -> dict(obs [E,N,O], state [E,N,S], avail [E,N,A], active [E,N]);
 # step(actions [E,N]) -> the same plus reward, terminated, truncated, first [E] (the obs starts an episode: the last one
 # finished, or a crashed game was restarted) and, where an episode finished (`done`), its ep_return, ep_length, ep_won.
 # Dead agents keep `active` 0 and may only take the idle action.
-# ----------------------------------------------------------------------------------------------
 ENV_KEYS = ("obs", "state", "avail", "active", "reward", "terminated", "ep_return", "ep_length", "ep_won")
-SMACV2_RACES = {  # smacv2's published capability configs (configs/sc2_gen_*.yaml)
-    "protoss": (["stalker", "zealot", "colossus"], ["colossus"]),
-    "terran": (["marine", "marauder", "medivac"], ["medivac"]),
-    "zerg": (["zergling", "hydralisk", "baneling"], ["baneling"]),
-}
+SMACV2_RACES = {"protoss": (["stalker", "zealot", "colossus"], ["colossus"]),  # smacv2's configs/sc2_gen_*.yaml
+                "terran": (["marine", "marauder", "medivac"], ["medivac"]),
+                "zerg": (["zergling", "hydralisk", "baneling"], ["baneling"])}
 SMACV2_SIZES = [(5, 5), (10, 10), (10, 11), (20, 20), (20, 23)]
 SMACV2_SCENARIOS = [f"{r}_{a}_vs_{e}" for r in SMACV2_RACES for a, e in SMACV2_SIZES]
 
@@ -218,8 +233,7 @@ def sc2_path() -> Optional[str]:
 
 
 def sc2_build() -> Optional[str]:
-    path = sc2_path()
-    builds = sorted(glob.glob(os.path.join(path, "Versions", "Base*"))) if path else []
+    builds = sorted(glob.glob(os.path.join(path, "Versions", "Base*"))) if (path := sc2_path()) else []
     return os.path.basename(builds[-1])[4:] if builds else None
 
 
@@ -261,7 +275,7 @@ class SmaxEnvs:
     def __init__(self, map_name: str, num_envs: int, device: torch.device):
         jax, smax = import_smax()
         jnp, self.jax, self.device, self.num_envs = jax.numpy, jax, device, num_envs
-        env = smax.HeuristicEnemySMAX(scenario=smax.map_name_to_scenario(map_name))
+        self.env = env = smax.HeuristicEnemySMAX(scenario=smax.map_name_to_scenario(map_name))
         self.n_agents, self.n_actions, self.idle_action = env.num_agents, env.num_ally_actions, 4
         self.obs_dim, self.state_dim, names = env.obs_size, env.state_size + env.obs_size, env.agents
         # a carry without weak types: reset, step and a resumed carry all match the step's one compilation
@@ -310,6 +324,31 @@ class SmaxEnvs:
         res["done"] = res["first"] = res["terminated"]
         return res
 
+    def render(self, i: int) -> np.ndarray:
+        """Env i as an RGB frame [H, W, 3]: allies blue, enemies red, a disc per living unit (its type's size and letter,
+        faded as it loses health), a line from each unit that attacked in the last step to its target."""
+        import matplotlib.pyplot as plt
+
+        env, s = self.env, self.jax.tree.map(lambda x: np.asarray(x[i]), self.carry[1].state)
+        alive = s.unit_positions[s.unit_alive.astype(bool)]
+        centre, half = (alive.min(0) + alive.max(0)) / 2, max(np.ptp(alive, 0).max() / 2 + 2, 8)  # the view follows the fight
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+        ax.set(xlim=centre[0] + (-half, half), ylim=centre[1] + (-half, half), xticks=[], yticks=[], title=f"step {s.step}")
+        health = s.unit_health / np.asarray(env.unit_type_health)[s.unit_types]
+        for u in np.flatnonzero(s.unit_alive):
+            ally, (x, y), kind = u < env.num_allies, s.unit_positions[u], s.unit_types[u]
+            color, alpha = "C0" if ally else "C3", 0.3 + 0.7 * health[u]
+            ax.add_patch(plt.Circle((x, y), env.unit_type_radiuses[kind], color=color, alpha=alpha))
+            ax.text(x, y, env.unit_type_shorthands[kind], ha="center", va="center", fontsize=7)
+            a = int(s.prev_attack_actions[u]) - env.num_movement_actions  # the target, counted from the other team's side
+            if a >= 0:
+                tx, ty = s.unit_positions[env.num_allies + a if ally else env.num_allies - 1 - a]
+                ax.plot([x, tx], [y, ty], "k", lw=0.6)
+        fig.canvas.draw()
+        frame = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        plt.close(fig)
+        return frame
+
     def get_state(self):  # for exact resume: the carry's leaves as tensors, its structure comes from a fresh reset
         return plain(self.jax.device_get(self.jax.tree.leaves(self.carry)))
 
@@ -321,12 +360,12 @@ class SmaxEnvs:
         pass
 
 
-def make_sc2_env(backend: str, map_name: str, seed: int):
-    """One StarCraft II game: SMAC's StarCraft2Env, or smacv2's capability wrapper."""
+def make_sc2_env(backend: str, map_name: str, seed: int, replay_dir: str = ""):
+    """One StarCraft II game: SMAC's StarCraft2Env, or smacv2's capability wrapper; save_replay() writes to replay_dir."""
     if backend == "smac":
         from smac.env import StarCraft2Env
 
-        return StarCraft2Env(map_name=map_name, seed=seed)
+        return StarCraft2Env(map_name=map_name, seed=seed, replay_dir=replay_dir)
     from smacv2.env.starcraft2.wrapper import StarCraftCapabilityEnvWrapper
 
     race, sizes = map_name.split("_", 1)
@@ -337,18 +376,22 @@ def make_sc2_env(backend: str, map_name: str, seed: int):
     start = dict(dist_type="surrounded_and_reflect", p=0.5, n_enemies=n_enemies, map_x=32, map_y=32)
     return StarCraftCapabilityEnvWrapper(
         capability_config=dict(n_units=n_units, n_enemies=n_enemies, team_gen=team_gen, start_positions=start),
-        map_name=f"10gen_{race}", seed=seed, obs_own_pos=True, conic_fov=False, use_unit_ranges=True, min_attack_range=2,
+        map_name=f"10gen_{race}", seed=seed, replay_dir=replay_dir, obs_own_pos=True, conic_fov=False, use_unit_ranges=True,
+        min_attack_range=2,
     )  # fmt: skip
 
 
 def _sc2_worker(remote, env_fn):
-    """Runs one game in its own process; answers 'reset' and 'step' with the ENV_KEYS values."""
+    """Runs one game in its own process; answers 'reset' and 'step' with the ENV_KEYS values, 'save_replay' with None."""
     env, ep_return, ep_length = env_fn(), 0.0, 0
     while True:
         cmd, data = remote.recv()
         if cmd == "close":
             env.close()
             return remote.close()
+        if cmd == "save_replay":  # SMAC's save_replay(): a replay of the game's episodes so far, into its replay_dir
+            remote.send(env.save_replay())
+            continue
         info, reward, done = {}, 0.0, False
         if cmd == "step":
             reward, done, info = env.step(data)
@@ -422,6 +465,11 @@ class SC2Envs:
                 crashed[i] = True
         return self._gather(results, crashed)
 
+    def save_replay(self, games: int):
+        """StarCraft II replays of the first `games` games (make_sc2_env's replay_dir)."""
+        for i in range(games):
+            self._call(i, "save_replay")
+
     def get_state(self):
         return None  # a running game cannot be saved: a resumed run starts fresh episodes
 
@@ -432,7 +480,7 @@ class SC2Envs:
             proc.join(timeout=5)
 
 
-def make_envs(backend: str, map_name: str, num_envs: int, seed: int, device: torch.device):
+def make_envs(backend: str, map_name: str, num_envs: int, seed: int, device: torch.device, replay_dir: str = ""):
     if backend == "smax":
         maps = sorted(import_smax()[1].smax_env.MAP_NAME_TO_SCENARIO)
         if map_name not in maps:
@@ -451,13 +499,11 @@ def make_envs(backend: str, map_name: str, num_envs: int, seed: int, device: tor
         maps = sorted(smac_maps.get_smac_map_registry())
         if map_name not in maps:
             fail(f"SMAC has no map '{map_name}'. SMAC maps: {', '.join(maps)}")
-    return SC2Envs(lambda i: make_sc2_env(backend, map_name, seed + max(i, 0)), num_envs, device)
+    return SC2Envs(lambda i: make_sc2_env(backend, map_name, seed + max(i, 0), replay_dir), num_envs, device)
 
 
-# ----------------------------------------------------------------------------------------------
 # Networks: every layer is an AgentLinear with weights [copies, in, out] applied to [N, batch, in]
 # in one batched matmul; copies = 1 shares the layer, copies = N gives each agent its own.
-# ----------------------------------------------------------------------------------------------
 class AgentLinear(nn.Module):
     def __init__(self, copies: int, n_in: int, n_out: int, gain: float = np.sqrt(2)):
         super().__init__()
@@ -560,14 +606,11 @@ class ValueNorm(nn.Module):
         return x * self.stats()[1] + self.stats()[0]
 
 
-# ----------------------------------------------------------------------------------------------
 # Algorithm pieces
-# ----------------------------------------------------------------------------------------------
 def preopc_advantages(rewards, values, dones, next_value, next_done, weights, gamma, lam):
     """PreOPC, eq. 2: A_t = delta_t + sum_{k>=1} gamma^k prod_{j=1..k} lam min(1, rho_{t+j}) delta_{t+k}, cut at episode ends
     (dones[t] = 1: obs t starts one) and the rollout's end; weights = min(1, rho) [T, B...], rho the preceding agents' joint
-    ratio (step t's own is not in A_t); values [T, B...] de-normalised. Returns (A, A + V).
-    Weights 1: GAE (Schulman et al.)."""
+    ratio (step t's own is not in A_t); values [T, B...] de-normalised. Returns (A, A + V); weights 1: GAE."""
     adv, last = torch.zeros_like(values), 0.0
     for t in reversed(range(values.shape[0])):
         nonterminal = 1.0 - (next_done if t == values.shape[0] - 1 else dones[t + 1])
@@ -587,8 +630,7 @@ def standardize_per_agent(adv, active):
 
 def agent_order(rule, adv, active, generator=None):
     """The agents' order [N]: "fixed" 0..n-1, "random", or "semi-greedy" (section 4): alternately the remaining agent with the
-    largest E[|A^i|] over its active samples (adv [T, N, B]) and a uniformly random one, the first pick greedy
-    (authors' code)."""
+    largest E[|A^i|] over its active samples (adv [T, N, B]) and a random one, the first pick greedy (authors' code)."""
     scores = ((adv.abs() * active).sum((0, 2)) / active.sum((0, 2)).clamp(min=1)).tolist()
     if rule != "semi-greedy":
         return torch.arange(len(scores)) if rule == "fixed" else torch.randperm(len(scores), generator=generator)
@@ -606,9 +648,8 @@ def a2po_objective(ratio, adv, prev_ratio, clip):
     return torch.min(l * adv, torch.clamp(l, 1 - clip, 1 + clip) * adv)
 
 
-# Per-agent layers in sequential turns: a step must leave the other agents' copies alone, but Adam moves them even with
-# zero gradients (momentum), so their slices of the parameter, exp_avg and exp_avg_sq are restored after it; the step count
-# (one per tensor) is rewound at each turn to its value at the round's start, so each slice updates as by its own Adam.
+# Per-agent layers in turns: Adam moves the other agents' copies even at zero gradient (momentum), so a step restores their
+# slices of the parameter and of both moments, and each turn rewinds the step count: each slice updates as by its own Adam.
 def agent_params(net, n_agents):
     """The per-agent parameters: those with a leading copies axis of n_agents (AgentLinear)."""
     return [p for p in net.parameters() if n_agents > 1 and p.shape[0] == n_agents]
@@ -684,12 +725,10 @@ def rollout(actor, critic, envs, nxt, h, start, num_steps):
 
 @torch.no_grad()
 def rollout_batch(buf, rewards, critic, value_norm, nxt, start, args):
-    """The update's batch from rollout()'s output and eq. 2's inputs: (b, trace). b: buf's fields, the advantages "adv" (GAE
-    bootstrapped from the critic's value of the next state, cut where `start` begins an episode; every agent's A^i is this
-    joint advantage, standardised per agent over the active samples) and the returns "returns_n", normalised by value_norm
-    once it has taken in those of the active samples; trace: PreOPC's rollout inputs, which a2po_update re-weights."""
+    """The update's batch and PreOPC's inputs (eq. 2) from rollout(): (b, trace). b: buf's fields, "adv" (A^i: GAE of the
+    team reward on agent i's de-normalised V(s, o^i), bootstrapped from the next state's, cut where `start` begins an
+    episode, standardised per agent) and "returns_n" (normalised after value_norm takes in the active ones)."""
     next_value = critic(nxt["state"].transpose(0, 1)[None])[0][0, ..., 0]
-    # GAE on de-normalised values; every agent sees the team reward and its own V(s, o^i)
     values_d, next_value_d = value_norm.denormalize(buf["values"]), value_norm.denormalize(next_value)
     trace = (rewards[:, None], values_d, buf["starts"][:, None], next_value_d, start[None])  # PreOPC's inputs (eq. 2)
     adv, returns = preopc_advantages(*trace, torch.ones_like(values_d), args.gamma, args.gae_lambda)  # weights 1: GAE
@@ -742,11 +781,9 @@ def kl_per_agent(logp, b):
 
 
 def a2po_update(actor, critic, opts, b, trace, value_norm, args, generator=None):
-    """Algorithm 1 (2 with a shared actor), one iteration on the rollout batch `b`: an agent order, whose blocks take turns;
-    eq. 2's weights and eq. 6's products use the current ratios of the agents that have moved: the preceding blocks' agents,
-    or with a shared actor, where every turn moves every agent, all agents after the first turn (Algorithm 2 line 8:
-    pi_hat = pi_m; appendix B.1). `trace`: eq. 2's rollout inputs; `generator` draws the order and the minibatches (None:
-    torch's global one). Returns (the mean loss stats, the diagnostics to log)."""
+    """Algorithm 1 (2 with a shared actor) on the rollout batch `b`: an agent order whose blocks take turns, eq. 2 and 6 on the
+    ratios of the agents that have moved (the preceding blocks'; a shared actor: all, after the first turn, Alg. 2 line 8).
+    `trace`: eq. 2's rollout inputs; `generator` draws the order and the minibatches (None: torch's global one)."""
     N, device, shared = b["logp"].shape[1], b["logp"].device, args.sharing != "none"
     gae = preopc_advantages(*trace, torch.ones_like(trace[1]), args.gamma, args.gae_lambda)[0]  # weights 1: the rollout's GAE
     order = agent_order(args.order, gae, b["active"], generator)  # A^i: every agent's own V, not standardised
@@ -765,9 +802,8 @@ def a2po_update(actor, critic, opts, b, trace, value_norm, args, generator=None)
             log_rho = (logp - b["logp"]) * b["active"] * moved
             joint = log_rho.sum(1, keepdim=True)  # log rho_t, [T, 1, B]; eq. 2 weights min(1, rho_t), 1 with --no-preopc (GAE)
             adv, returns = preopc_advantages(*trace, (joint * args.preopc).exp().clamp(max=1.0), args.gamma, args.gae_lambda)
-            turn = {**b, "adv": standardize_per_agent(adv, b["active"]),  # lines 8-9
-                    "returns_n": value_norm.normalize(returns),
-                    "prev_ratio": (joint - log_rho).exp()}  # eq. 6's product over the moved agents j != i
+            turn = {**b, "adv": standardize_per_agent(adv, b["active"]), "returns_n": value_norm.normalize(returns),
+                    "prev_ratio": (joint - log_rho).exp()}  # lines 8-9; eq. 6's product over the moved agents j != i
             stats.append(a2po_turn(actor, critic, opts, turn, agents, clips, epochs, per_agent, args, generator))
             logp = rollout_logp(actor, b)
             kl = kl_per_agent(logp, b).tolist()
@@ -779,14 +815,17 @@ def a2po_update(actor, critic, opts, b, trace, value_norm, args, generator=None)
 
 
 @torch.no_grad()
-def evaluate(actor, envs, episodes, device):
-    """`episodes` deterministic (greedy) episodes on their own environments, one per env."""
-    nxt = envs.reset(seed=12345)
+def evaluate(actor, envs, episodes, device, videos=0):
+    """`episodes` deterministic (greedy) episodes on their own environments, one per env. Returns the mean return, the
+    win rate and the frames of the first `videos` episodes (SMAX's render), one per state the agents act in."""
+    nxt, frames = envs.reset(seed=12345), [[] for _ in range(videos)]
     h = torch.zeros(actor.n_agents, envs.num_envs, actor.hidden, device=device)
     finished = torch.zeros(envs.num_envs, dtype=torch.bool, device=device)
     returns, wins = torch.zeros(envs.num_envs, device=device), torch.zeros(envs.num_envs, device=device)
     starts = torch.zeros(1, envs.num_envs, device=device)
     while not finished.all():
+        for k, video in enumerate(frames):
+            video += [] if finished[k] else [envs.render(k)]
         logits, h = actor(nxt["obs"].transpose(0, 1)[None], h, starts)
         action = masked_logits(logits[0], nxt["avail"].transpose(0, 1)).argmax(-1)
         nxt = envs.step(action.T)
@@ -794,22 +833,34 @@ def evaluate(actor, envs, episodes, device):
         returns[new], wins[new] = nxt["ep_return"][new].float(), nxt["ep_won"][new].float()
         finished |= nxt["done"]
         starts = nxt["first"].float()[None]
-    return returns[:episodes].mean().item(), wins[:episodes].mean().item()
+    return returns[:episodes].mean().item(), wins[:episodes].mean().item(), frames
+
+
+def record(envs, frames, games, run_name, step, writer):
+    """--capture-video: each SMAX episode's frames as runs/{run_name}/videos/{step}_{k}.mp4 (imageio's ffmpeg) and a
+    TensorBoard video `videos/episode_{k}` (with --track, wandb's TensorBoard sync logs it as a wandb.Video); the real game
+    saves StarCraft II replays of its first `games` games instead, into runs/{run_name}/replays/ (make_envs' replay_dir)."""
+    if not frames:
+        return envs.save_replay(games)
+    import imageio.v2 as imageio
+
+    os.environ.update({k: os.environ.get(k, "dummy") for k in ("SDL_AUDIODRIVER", "SDL_VIDEODRIVER")})  # add_video's moviepy
+    os.makedirs(f"runs/{run_name}/videos", exist_ok=True)  # imports pygame, which would greet the sound card otherwise
+    warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)  # jax's warning when ffmpeg starts: it execs at once
+    for k, video in enumerate(frames):
+        imageio.mimwrite(f"runs/{run_name}/videos/{step}_{k}.mp4", video, fps=8, macro_block_size=1)
+        writer.add_video(f"videos/episode_{k}", torch.from_numpy(np.stack(video)).permute(0, 3, 1, 2)[None], step, fps=8)
+    writer.flush()  # now: an --eval-only run exits right after
 
 
 if __name__ == "__main__":
-    try:
-        args = tyro.cli(Args)
-    except SystemExit as e:  # tyro has printed what is wrong; end with the usual one-line error
-        if e.code:
-            fail("invalid command line (see above; --help lists the options)")
-        raise
-    ckpt, given = None, flags_given(sys.argv[1:])
+    args = parse_args()
+    ckpt, given, paper = None, flags_given(sys.argv[1:]), {}
     if args.resume:
         extra = ", ".join("--" + name.replace("_", "-") for name in sorted(given - set(RESUME_FLAGS)))
         if extra:
             fail(f"--resume continues the saved run with its own settings: drop {extra} (with --resume only --eval-only, "
-                 "--total-timesteps, --track and --[no-]progress-bar apply)")
+                 "--total-timesteps, --track, --[no-]progress-bar, --capture-video and --video-episodes apply)")
         ckpt = load_checkpoint(args.resume, args.eval_only)
         cli = {k: getattr(args, k) for k in RESUME_FLAGS if k in given or k == "resume"}
         args = Args(**{**ckpt["args"], **cli, "save_model": True})
@@ -826,35 +877,38 @@ if __name__ == "__main__":
     torch.set_num_threads(args.torch_threads or torch.get_num_threads())
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     envs = make_envs(backend, args.map, args.num_envs, args.seed, device)
-    eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed + 10_000, device) if args.eval_interval else None
+    videos = args.video_episodes if args.capture_video and backend == "smax" else 0  # episodes drawn per evaluation
+    replays = os.path.abspath(f"runs/{run_name}/replays")  # where --capture-video saves the real game's replays
+    eval_envs = None
+    if args.eval_interval:
+        eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed + 10_000, device, replays)
     N, E, T, A = envs.n_agents, args.num_envs, args.num_steps, envs.n_actions
     if not 0 <= args.num_blocks <= N:
         fail(f"--num-blocks must be between 0 (one agent per block) and the number of agents, {N}; got {args.num_blocks}")
     print(f"{run_name}: backend {backend}, {N} agents, {A} actions, sharing {args.sharing}, device {device}")
     actor = AgentNet(N, envs.obs_dim, A, args.hidden_size, args.sharing, recurrent=args.actor == "rnn").to(device)
-    # partial sharing is a setting of the policy networks (E.3, as the authors' runner): the critic is shared
-    critic_sharing = "full" if args.sharing == "partial" else args.sharing
+    critic_sharing = "full" if args.sharing == "partial" else args.sharing  # partial sharing: the actor's (E.3); shared critic
     critic = AgentNet(N, envs.state_dim, 1, args.hidden_size, critic_sharing, out_gain=1.0).to(device)
     opts = [torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5),
             torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)]  # fmt: skip
     value_norm = ValueNorm().to(device)
     if ckpt and args.eval_only:
         actor.load_state_dict(ckpt["actor"])
-        eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed, device)
-        ret, win = evaluate(actor, eval_envs, args.eval_episodes, device)
+        eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed, device, replays)
+        ret, win, frames = evaluate(actor, eval_envs, args.eval_episodes, device, videos)
+        if args.capture_video:
+            record(eval_envs, frames, args.video_episodes, run_name, ckpt["global_step"], SummaryWriter(f"runs/{run_name}"))
         print(f"eval: win_rate {win:.3f}, episodic_return {ret:.3f} over {args.eval_episodes} episodes")
         sys.exit(0)
-    packages = ("torch", "jax", "jaxmarl", "smac", "smacv2", "numpy", "tyro")
-    versions = {n: metadata.version(n) for n in packages if importable(n)}
+    versions = {n: metadata.version(n) for n in "torch jax jaxmarl smac smacv2 numpy tyro".split() if importable(n)}
     config = {**asdict(args), "backend": backend, "versions": versions,
               "sc2_build": sc2_build() if backend != "smax" else None}  # fmt: skip
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=config,
-                   name=run_name, group=f"{args.map}__{args.exp_name}__{args.sharing}",
-                   tags=[args.exp_name, args.sharing, args.map, backend], save_code=True, resume="allow",
-                   id=run_name)  # fmt: skip
+                   name=run_name, id=run_name, group=f"{args.map}__{args.exp_name}__{args.sharing}", save_code=True,
+                   tags=[args.exp_name, args.sharing, args.map, backend], resume="allow")
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
     ckpt_path = f"runs/{run_name}/checkpoint.pt"
@@ -865,8 +919,8 @@ if __name__ == "__main__":
     nxt = envs.reset(seed=args.seed)
     # the GRU state, and start = 1 where an episode starts
     h, start = torch.zeros(N, E, args.hidden_size, device=device), torch.ones(E, device=device)
+    modules = {"actor": actor, "critic": critic, "actor_opt": opts[0], "critic_opt": opts[1], "value_norm": value_norm}
     if ckpt:
-        modules = {"actor": actor, "critic": critic, "actor_opt": opts[0], "critic_opt": opts[1], "value_norm": value_norm}
         for key, module in modules.items():
             module.load_state_dict(ckpt[key])
         global_step, first_iteration, win_rate, rng = ckpt["global_step"], ckpt["iteration"] + 1, ckpt["win_rate"], ckpt["rng"]
@@ -877,10 +931,9 @@ if __name__ == "__main__":
             h, start = ckpt["h"].to(device), ckpt["start"].to(device)
         torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
         torch.cuda.set_rng_state_all(rng["cuda"]) if rng.get("cuda") and device.type == "cuda" else None
-    progress = None
-    if args.progress_bar:
-        progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True)
-    start_time, start_step = time.time(), global_step
+    progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True,
+                    disable=not args.progress_bar)
+    start_time, start_step, eval_win = time.time(), global_step, float("nan")  # eval_win: the latest evaluation's
 
     for iteration in range(first_iteration, num_iterations + 1):
         t0 = time.time()
@@ -913,19 +966,23 @@ if __name__ == "__main__":
             win_rate = wins.mean().item()
             scalars.update({"charts/episodic_return": rets.mean().item(), "charts/win_rate": win_rate})
         if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == num_iterations):
-            eval_return, eval_win = evaluate(actor, eval_envs, args.eval_episodes, device)
+            eval_return, eval_win, frames = evaluate(actor, eval_envs, args.eval_episodes, device, videos)
+            if args.capture_video:
+                record(eval_envs, frames, args.video_episodes, run_name, global_step, writer)
             scalars.update({"eval/episodic_return": eval_return, "eval/win_rate": eval_win})
         for k, v in scalars.items():
             writer.add_scalar(k, v, global_step)
-        if progress is not None:
-            progress.update(E * T)
-            progress.set_postfix(SPS=sps, win_rate=f"{win_rate:.2f}", refresh=False)
+        progress.update(E * T)
+        progress.set_postfix(SPS=sps, win_rate=f"{win_rate:.2f}", refresh=False)
+        if iteration == first_iteration + 2 and "total_timesteps" in paper:  # the time of table E.5's budget here
+            speed = E * T / (time.time() - t0)  # this iteration's steps/s, once the first ones have compiled everything
+            tqdm.write(f"at {speed:,.0f} steps/s, the {args.total_timesteps:,} steps of table E.5 take about "
+                       f"{args.total_timesteps / speed / 3600:.1f} h (the progress bar keeps an estimate)")
         if args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == num_iterations):
             torch.save({
                 "args": asdict(args), "run_name": run_name, "iteration": iteration, "global_step": global_step,
                 "win_rate": win_rate, "actor_steps": actor_steps["n"],
-                "actor": actor.state_dict(), "critic": critic.state_dict(),
-                "actor_opt": opts[0].state_dict(), "critic_opt": opts[1].state_dict(), "value_norm": value_norm.state_dict(),
+                **{key: module.state_dict() for key, module in modules.items()},
                 "env_state": envs.get_state(), "next": {k: v.clone() for k, v in nxt.items()}, "h": h, "start": start,
                 "rng": plain({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}),
@@ -937,3 +994,6 @@ if __name__ == "__main__":
             closable.close()
     if args.track:
         wandb.finish()
+    result = f"eval win rate {eval_win:.3f}" if eval_envs is not None else f"training win rate {win_rate:.3f}"
+    print(f"done: {result} at step {global_step:,} after {(time.time() - start_time) / 60:.1f} min; runs/{run_name} "
+          "(to look at it: tensorboard --logdir runs)")

@@ -1,11 +1,13 @@
 """FP3O (Full-Pipeline PPO) on SMAC maps: SMAX (JaxMARL, no StarCraft II needed), SMAC and SMACv2.
 
-Paper: Feng et al., "Full-Pipeline Paradigm for Cooperative Multi-Agent PPO" (FP3O), section 3.4,
-Algorithm 1, listing B.3; double clip eq. D.10; advantage split F.4; InStep-only ablation F.5.
-One iteration: roll out pi_k -> independent step (every agent, PPO-clip) -> intermediate policy
-pi_{k+0.5} -> condition (Alg. 1 line 7) -> dependent step along the cyclic-shift pipelines.
+Examples:
+  python fp3o_smac.py --map 3m --total-timesteps 100000             # a short first run on SMAX
+  python fp3o_smac.py --map 6h_vs_8z --sharing none --seed 3        # the paper's setting: table E.5's 20M steps
 
-Usage: python fp3o_smac.py --map 6h_vs_8z --sharing none --seed 3
+Paper: Feng et al., "FP3O: Enabling Proximal Policy Optimization in Multi-Agent Cooperation with Parameter-Sharing
+Versatility", section 3.4, Algorithm 1, listing B.3; double clip eq. D.10; advantage split F.4; InStep-only ablation F.5.
+One iteration: roll out pi_k -> independent step (every agent, PPO-clip) -> intermediate policy pi_{k+0.5} -> the
+condition (Alg. 1 line 7) -> dependent step along the cyclic-shift pipelines.
 """
 import contextlib
 import glob
@@ -16,6 +18,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Literal, Optional
@@ -56,6 +59,10 @@ class Args:
     """iterations between evaluations (0 disables evaluation)"""
     eval_episodes: int = 32
     """deterministic episodes per evaluation (the paper uses 32)"""
+    capture_video: bool = False
+    """record evaluation episodes as videos in `runs/{run_name}/videos/`, TensorBoard and (with --track) wandb"""
+    video_episodes: int = 1
+    """episodes recorded per evaluation with `--capture-video` (the first of its deterministic episodes)"""
     progress_bar: bool = True
     """show a progress bar with steps, SPS and the latest win rate"""
     torch_threads: int = 0
@@ -105,14 +112,15 @@ class Args:
     """use the double-clip objective (eq. D.10)"""
     inner_clip_coef: float = 0.2
     """eps2 of eq. D.10: clip of the other agents' joint intermediate ratio"""
-    no_dependent_step: bool = False
+    no_dependent_step: tyro.conf.FlagCreatePairsOff[bool] = False  # one flag, no --no-no- twin
     """ablation (F.5): run the independent step only (then FP3O reduces to PPO-clip per agent)"""
-    no_condition: bool = False
+    no_condition: tyro.conf.FlagCreatePairsOff[bool] = False
     """ablation: always run the dependent step, ignoring the condition of Algorithm 1 line 7"""
     condition_slack: float = 1e-5
     """the dependent step runs when S1 >= S2 - slack"""
     advantage_split: Literal["average", "random"] = "average"
-    """how the joint advantage is split over agents: A/n, or random Dirichlet weights (F.4)"""
+    """how the advantage is split over agents (F.4): average, A/n, a no-op (the per-agent standardisation undoes it);
+    random, Dirichlet weights drawn per sample, which do change the update"""
 
 
 # Table E.5 of the FP3O paper: per map the PPO clip, the actor network and the steps under full / partial / none sharing
@@ -127,7 +135,16 @@ PAPER_MAP_SETTINGS = {
     "10m_vs_11m": (0.2, "rnn", (8_000_000, None, None)),
     "3s5z_vs_3s6z": (0.05, "rnn", (12_000_000, None, None)),
 }
-RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar")  # what a resumed run may change
+# what a resumed run may change
+RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar", "capture_video", "video_episodes")
+
+
+def parse_args(argv=None) -> Args:
+    """The command line (default: sys.argv) as Args; --help starts with the module docstring. A bad one: one `error:` line."""
+    try:
+        return tyro.cli(Args, args=argv, description=__doc__)
+    except SystemExit as e:  # tyro has printed what is wrong; --help exits with 0
+        fail("invalid command line (see above; --help lists the options)") if e.code else sys.exit(0)
 
 
 def flags_given(argv) -> set:
@@ -154,7 +171,7 @@ def fail(message: str):
 
 def check_args(args: Args):
     """Settings that cannot train: one `error:` line (exit status 2) before anything starts."""
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "eval_episodes",
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "eval_episodes", "video_episodes",
                  "checkpoint_interval", "learning_rate", "critic_learning_rate", "clip_coef", "max_grad_norm"):
         if not getattr(args, name) > 0:  # NaN too
             fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
@@ -164,6 +181,10 @@ def check_args(args: Args):
         fail(f"--num-envs ({args.num_envs}) must be divisible by --num-minibatches ({args.num_minibatches})")
     if args.total_timesteps < args.num_envs * args.num_steps:
         fail(f"--total-timesteps ({args.total_timesteps}) is less than one iteration, --num-envs x --num-steps")
+    if args.video_episodes > args.eval_episodes:
+        fail(f"--video-episodes ({args.video_episodes}) must not exceed --eval-episodes ({args.eval_episodes})")
+    if args.capture_video and not (importable("imageio_ffmpeg") and importable("moviepy")):
+        fail("--capture-video needs imageio-ffmpeg and moviepy to write videos: pip install -r requirements.txt")
 
 
 def load_checkpoint(path: str, eval_only: bool = False) -> dict:
@@ -199,18 +220,14 @@ def plain(x):
     return torch.from_numpy(x.astype(np.int64 if x.dtype.kind == "u" else x.dtype)) if isinstance(x, np.ndarray) else x
 
 
-# ----------------------------------------------------------------------------------------------
 # Environments. Every backend: reset(seed) -> dict(obs [E,N,O], state [E,N,S], avail [E,N,A], active [E,N]);
 # step(actions [E,N]) -> the same plus reward, terminated, truncated, first [E] (the obs starts an episode: the last one
 # finished, or a crashed game was restarted) and, where an episode finished (`done`), its ep_return, ep_length, ep_won.
 # Dead agents keep `active` 0 and may only take the idle action.
-# ----------------------------------------------------------------------------------------------
 ENV_KEYS = ("obs", "state", "avail", "active", "reward", "terminated", "ep_return", "ep_length", "ep_won")
-SMACV2_RACES = {  # smacv2's published capability configs (configs/sc2_gen_*.yaml)
-    "protoss": (["stalker", "zealot", "colossus"], ["colossus"]),
-    "terran": (["marine", "marauder", "medivac"], ["medivac"]),
-    "zerg": (["zergling", "hydralisk", "baneling"], ["baneling"]),
-}
+SMACV2_RACES = {"protoss": (["stalker", "zealot", "colossus"], ["colossus"]),  # smacv2's configs/sc2_gen_*.yaml
+                "terran": (["marine", "marauder", "medivac"], ["medivac"]),
+                "zerg": (["zergling", "hydralisk", "baneling"], ["baneling"])}
 SMACV2_SIZES = [(5, 5), (10, 10), (10, 11), (20, 20), (20, 23)]
 SMACV2_SCENARIOS = [f"{r}_{a}_vs_{e}" for r in SMACV2_RACES for a, e in SMACV2_SIZES]
 
@@ -221,8 +238,7 @@ def sc2_path() -> Optional[str]:
 
 
 def sc2_build() -> Optional[str]:
-    path = sc2_path()
-    builds = sorted(glob.glob(os.path.join(path, "Versions", "Base*"))) if path else []
+    builds = sorted(glob.glob(os.path.join(path, "Versions", "Base*"))) if (path := sc2_path()) else []
     return os.path.basename(builds[-1])[4:] if builds else None
 
 
@@ -264,7 +280,7 @@ class SmaxEnvs:
     def __init__(self, map_name: str, num_envs: int, device: torch.device):
         jax, smax = import_smax()
         jnp, self.jax, self.device, self.num_envs = jax.numpy, jax, device, num_envs
-        env = smax.HeuristicEnemySMAX(scenario=smax.map_name_to_scenario(map_name))
+        self.env = env = smax.HeuristicEnemySMAX(scenario=smax.map_name_to_scenario(map_name))
         self.n_agents, self.n_actions, self.idle_action = env.num_agents, env.num_ally_actions, 4
         self.obs_dim, self.state_dim, names = env.obs_size, env.state_size + env.obs_size, env.agents
         # a carry without weak types: reset, step and a resumed carry all match the step's one compilation
@@ -313,6 +329,31 @@ class SmaxEnvs:
         res["done"] = res["first"] = res["terminated"]
         return res
 
+    def render(self, i: int) -> np.ndarray:
+        """Env i as an RGB frame [H, W, 3]: allies blue, enemies red, a disc per living unit (its type's size and letter,
+        faded as it loses health), a line from each unit that attacked in the last step to its target."""
+        import matplotlib.pyplot as plt
+
+        env, s = self.env, self.jax.tree.map(lambda x: np.asarray(x[i]), self.carry[1].state)
+        alive = s.unit_positions[s.unit_alive.astype(bool)]
+        centre, half = (alive.min(0) + alive.max(0)) / 2, max(np.ptp(alive, 0).max() / 2 + 2, 8)  # the view follows the fight
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+        ax.set(xlim=centre[0] + (-half, half), ylim=centre[1] + (-half, half), xticks=[], yticks=[], title=f"step {s.step}")
+        health = s.unit_health / np.asarray(env.unit_type_health)[s.unit_types]
+        for u in np.flatnonzero(s.unit_alive):
+            ally, (x, y), kind = u < env.num_allies, s.unit_positions[u], s.unit_types[u]
+            color, alpha = "C0" if ally else "C3", 0.3 + 0.7 * health[u]
+            ax.add_patch(plt.Circle((x, y), env.unit_type_radiuses[kind], color=color, alpha=alpha))
+            ax.text(x, y, env.unit_type_shorthands[kind], ha="center", va="center", fontsize=7)
+            a = int(s.prev_attack_actions[u]) - env.num_movement_actions  # the target, counted from the other team's side
+            if a >= 0:
+                tx, ty = s.unit_positions[env.num_allies + a if ally else env.num_allies - 1 - a]
+                ax.plot([x, tx], [y, ty], "k", lw=0.6)
+        fig.canvas.draw()
+        frame = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        plt.close(fig)
+        return frame
+
     def get_state(self):  # for exact resume: the carry's leaves as tensors, its structure comes from a fresh reset
         return plain(self.jax.device_get(self.jax.tree.leaves(self.carry)))
 
@@ -324,12 +365,12 @@ class SmaxEnvs:
         pass
 
 
-def make_sc2_env(backend: str, map_name: str, seed: int):
-    """One StarCraft II game: SMAC's StarCraft2Env, or smacv2's capability wrapper."""
+def make_sc2_env(backend: str, map_name: str, seed: int, replay_dir: str = ""):
+    """One StarCraft II game: SMAC's StarCraft2Env, or smacv2's capability wrapper; save_replay() writes to replay_dir."""
     if backend == "smac":
         from smac.env import StarCraft2Env
 
-        return StarCraft2Env(map_name=map_name, seed=seed)
+        return StarCraft2Env(map_name=map_name, seed=seed, replay_dir=replay_dir)
     from smacv2.env.starcraft2.wrapper import StarCraftCapabilityEnvWrapper
 
     race, sizes = map_name.split("_", 1)
@@ -340,18 +381,22 @@ def make_sc2_env(backend: str, map_name: str, seed: int):
     start = dict(dist_type="surrounded_and_reflect", p=0.5, n_enemies=n_enemies, map_x=32, map_y=32)
     return StarCraftCapabilityEnvWrapper(
         capability_config=dict(n_units=n_units, n_enemies=n_enemies, team_gen=team_gen, start_positions=start),
-        map_name=f"10gen_{race}", seed=seed, obs_own_pos=True, conic_fov=False, use_unit_ranges=True, min_attack_range=2,
+        map_name=f"10gen_{race}", seed=seed, replay_dir=replay_dir, obs_own_pos=True, conic_fov=False, use_unit_ranges=True,
+        min_attack_range=2,
     )  # fmt: skip
 
 
 def _sc2_worker(remote, env_fn):
-    """Runs one game in its own process; answers 'reset' and 'step' with the ENV_KEYS values."""
+    """Runs one game in its own process; answers 'reset' and 'step' with the ENV_KEYS values, 'save_replay' with None."""
     env, ep_return, ep_length = env_fn(), 0.0, 0
     while True:
         cmd, data = remote.recv()
         if cmd == "close":
             env.close()
             return remote.close()
+        if cmd == "save_replay":  # SMAC's save_replay(): a replay of the game's episodes so far, into its replay_dir
+            remote.send(env.save_replay())
+            continue
         info, reward, done = {}, 0.0, False
         if cmd == "step":
             reward, done, info = env.step(data)
@@ -425,6 +470,11 @@ class SC2Envs:
                 crashed[i] = True
         return self._gather(results, crashed)
 
+    def save_replay(self, games: int):
+        """StarCraft II replays of the first `games` games (make_sc2_env's replay_dir)."""
+        for i in range(games):
+            self._call(i, "save_replay")
+
     def get_state(self):
         return None  # a running game cannot be saved: a resumed run starts fresh episodes
 
@@ -435,7 +485,7 @@ class SC2Envs:
             proc.join(timeout=5)
 
 
-def make_envs(backend: str, map_name: str, num_envs: int, seed: int, device: torch.device):
+def make_envs(backend: str, map_name: str, num_envs: int, seed: int, device: torch.device, replay_dir: str = ""):
     if backend == "smax":
         maps = sorted(import_smax()[1].smax_env.MAP_NAME_TO_SCENARIO)
         if map_name not in maps:
@@ -454,13 +504,11 @@ def make_envs(backend: str, map_name: str, num_envs: int, seed: int, device: tor
         maps = sorted(smac_maps.get_smac_map_registry())
         if map_name not in maps:
             fail(f"SMAC has no map '{map_name}'. SMAC maps: {', '.join(maps)}")
-    return SC2Envs(lambda i: make_sc2_env(backend, map_name, seed + max(i, 0)), num_envs, device)
+    return SC2Envs(lambda i: make_sc2_env(backend, map_name, seed + max(i, 0), replay_dir), num_envs, device)
 
 
-# ----------------------------------------------------------------------------------------------
 # Networks: every layer is an AgentLinear with weights [copies, in, out] applied to [N, batch, in]
 # in one batched matmul; copies = 1 shares the layer, copies = N gives each agent its own.
-# ----------------------------------------------------------------------------------------------
 class AgentLinear(nn.Module):
     def __init__(self, copies: int, n_in: int, n_out: int, gain: float = np.sqrt(2)):
         super().__init__()
@@ -560,9 +608,7 @@ class ValueNorm(nn.Module):
         return x * self.stats()[1] + self.stats()[0]
 
 
-# ----------------------------------------------------------------------------------------------
 # Algorithm pieces
-# ----------------------------------------------------------------------------------------------
 def compute_gae(rewards, values, dones, next_value, next_done, gamma, lam):
     """GAE (Schulman et al. 2016). rewards/dones [T, B...] with dones[t] = 1 when the obs at t starts
     a new episode; values [T, B...] de-normalised. Returns (advantages, returns)."""
@@ -584,9 +630,8 @@ def standardize_per_agent(adv, active):
 
 
 def pipeline_partners(n_agents: int, generator=None):
-    """Non-overlapping selection (eq. 9, appendix E.3): a random permutation i_1..i_n and its cyclic
-    left shift j_p = i_{p+1}, so f(i_p) = j_p. Returns partner[i] = f^-1(i): the agent whose pipeline
-    hands agent i its dependent step; every agent is a partner exactly once and never its own (n > 1)."""
+    """Non-overlapping selection (eq. 9, appendix E.3): a random permutation i_1..i_n and its cyclic left shift j_p =
+    i_{p+1}, f(i_p) = j_p. Returns partner[i] = f^-1(i), the agent whose pipeline hands i its dependent step."""
     perm = torch.randperm(n_agents, generator=generator)
     partner = torch.empty(n_agents, dtype=torch.long)
     partner[perm.roll(-1)] = perm  # f^-1(j_p) = i_p
@@ -596,11 +641,9 @@ def pipeline_partners(n_agents: int, generator=None):
 def fp3o_factors(rho, partner):
     """rho [T, N, B] fixed intermediate ratios pi_{k+0.5}/pi_k. Returns, for every agent i with
     partner j = f^-1(i): factor_ij = prod_{m not in {i, j}} rho^m and factor_j = rho^j (listing B.3)."""
-    log_rho = rho.log()
-    idx = torch.arange(rho.shape[1], device=rho.device)
-    others = log_rho.sum(1, keepdim=True) - log_rho - torch.where(partner.to(rho.device) != idx, 1.0, 0.0).view(
-        1, -1, 1
-    ) * log_rho[:, partner]
+    log_rho, partner = rho.log(), partner.to(rho.device)
+    has_partner = (partner != torch.arange(rho.shape[1], device=rho.device)).float().view(1, -1, 1)  # j != i (n > 1)
+    others = log_rho.sum(1, keepdim=True) - log_rho - has_partner * log_rho[:, partner]
     return others.exp(), rho[:, partner]
 
 
@@ -623,9 +666,8 @@ def fp3o_double_clip_objective(ratio, adv, rho_others, rho_j, clip_coef, inner_c
 
 
 def fp3o_condition(rho, adv, active, slack=1e-5):
-    """Algorithm 1 line 7 with the intermediate policies: sum_i mu(pi_{k+0.5}^{-i}) >= sum_i mu(pi_k^{-i}),
-    estimated by importance sampling over the rollout:
-    S1 = sum_i sum_t A^i prod_m rho^m,  S2 = sum_i sum_t A^i rho^i. Returns (holds, S1, S2)."""
+    """Algorithm 1 line 7 with the intermediate policies, sum_i mu(pi_{k+0.5}^{-i}) >= sum_i mu(pi_k^{-i}), by importance
+    sampling over the rollout: S1 = sum_i sum_t A^i prod_m rho^m, S2 = sum_i sum_t A^i rho^i. Returns (holds, S1, S2)."""
     joint = rho.prod(1, keepdim=True)
     s1, s2 = (adv * joint * active).sum(), (adv * rho * active).sum()
     return bool(s1 >= s2 - slack), s1.item(), s2.item()
@@ -693,19 +735,17 @@ def rollout(actor, critic, envs, nxt, h, start, num_steps):
 
 @torch.no_grad()
 def rollout_batch(buf, rewards, critic, value_norm, nxt, start, args):
-    """The update's batch from rollout()'s output: buf's fields, the advantages "adv" (GAE bootstrapped from the critic's
-    value of the next state, cut where `start` begins an episode; A^i its split over the agents, F.4; standardised per
-    agent over the active samples) and the returns "returns_n", normalised by value_norm once it has taken in those of the
-    active samples."""
+    """The update's batch from rollout(): buf's fields, "adv" (A^i: GAE of the team reward on agent i's de-normalised
+    V(s, o^i), bootstrapped from the next state's, cut where `start` begins an episode, split over agents (F.4), standardised
+    per agent over its active samples) and "returns_n" (normalised after value_norm takes in the active ones)."""
     T, N, E = buf["logp"].shape
     next_value = critic(nxt["state"].transpose(0, 1)[None])[0][0, ..., 0]
-    # GAE on de-normalised values; every agent sees the team reward and its own V(s, o^i)
     values_d, next_value_d = value_norm.denormalize(buf["values"]), value_norm.denormalize(next_value)
     adv, returns = compute_gae(rewards[:, None], values_d, buf["starts"][:, None], next_value_d, start, args.gamma,
                                args.gae_lambda)
     value_norm.update(returns[buf["active"].bool()])  # before the returns of the batch are normalised
-    split = torch.full((1, N, 1), 1.0 / N, device=rewards.device)  # A^i = A / n (average split)
-    if args.advantage_split == "random":  # A^i = w^i A with random weights summing to 1 (F.4)
+    split = torch.full((1, N, 1), 1.0 / N, device=rewards.device)  # A^i / n (average split): undone by the standardisation
+    if args.advantage_split == "random":  # w^i A^i, random weights summing to 1 (F.4)
         split = torch.distributions.Dirichlet(torch.ones(E, N, device=rewards.device)).sample((T,)).transpose(1, 2)
     return {**buf, "adv": standardize_per_agent(adv * split, buf["active"]), "returns_n": value_norm.normalize(returns)}
 
@@ -714,8 +754,7 @@ def fp3o_step(actor, critic, opts, b, factors, args, double_clip=False, generato
     """One FP3O step (independent or dependent): `update_epochs` epochs of minibatches split over
     environments; actor and critic both train on every minibatch. `factors` = (factor_ij, factor_j)
     as [T, N, B] tensors (all ones for the independent step), or (rho_others, rho_j) for double clip."""
-    B, per_agent = b["obs"].shape[2], args.sharing == "none"
-    stats = []
+    B, per_agent, stats = b["obs"].shape[2], args.sharing == "none", []
     for _ in range(args.update_epochs):
         mbs = torch.randperm(B, generator=generator).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]
         for mb in mbs:  # one minibatch: no gather
@@ -777,14 +816,17 @@ def rollout_logp(actor, b):
 
 
 @torch.no_grad()
-def evaluate(actor, envs, episodes, device):
-    """`episodes` deterministic (greedy) episodes on their own environments, one per env."""
-    nxt = envs.reset(seed=12345)
+def evaluate(actor, envs, episodes, device, videos=0):
+    """`episodes` deterministic (greedy) episodes on their own environments, one per env. Returns the mean return, the
+    win rate and the frames of the first `videos` episodes (SMAX's render), one per state the agents act in."""
+    nxt, frames = envs.reset(seed=12345), [[] for _ in range(videos)]
     h = torch.zeros(actor.n_agents, envs.num_envs, actor.hidden, device=device)
     finished = torch.zeros(envs.num_envs, dtype=torch.bool, device=device)
     returns, wins = torch.zeros(envs.num_envs, device=device), torch.zeros(envs.num_envs, device=device)
     starts = torch.zeros(1, envs.num_envs, device=device)
     while not finished.all():
+        for k, video in enumerate(frames):
+            video += [] if finished[k] else [envs.render(k)]
         logits, h = actor(nxt["obs"].transpose(0, 1)[None], h, starts)
         action = masked_logits(logits[0], nxt["avail"].transpose(0, 1)).argmax(-1)
         nxt = envs.step(action.T)
@@ -792,20 +834,34 @@ def evaluate(actor, envs, episodes, device):
         returns[new], wins[new] = nxt["ep_return"][new].float(), nxt["ep_won"][new].float()
         finished |= nxt["done"]
         starts = nxt["first"].float()[None]
-    return returns[:episodes].mean().item(), wins[:episodes].mean().item()
+    return returns[:episodes].mean().item(), wins[:episodes].mean().item(), frames
+
+
+def record(envs, frames, games, run_name, step, writer):
+    """--capture-video: each SMAX episode's frames as runs/{run_name}/videos/{step}_{k}.mp4 (imageio's ffmpeg) and a
+    TensorBoard video `videos/episode_{k}` (with --track, wandb's TensorBoard sync logs it as a wandb.Video); the real game
+    saves StarCraft II replays of its first `games` games instead, into runs/{run_name}/replays/ (make_envs' replay_dir)."""
+    if not frames:
+        return envs.save_replay(games)
+    import imageio.v2 as imageio
+
+    os.environ.update({k: os.environ.get(k, "dummy") for k in ("SDL_AUDIODRIVER", "SDL_VIDEODRIVER")})  # add_video's moviepy
+    os.makedirs(f"runs/{run_name}/videos", exist_ok=True)  # imports pygame, which would greet the sound card otherwise
+    warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)  # jax's warning when ffmpeg starts: it execs at once
+    for k, video in enumerate(frames):
+        imageio.mimwrite(f"runs/{run_name}/videos/{step}_{k}.mp4", video, fps=8, macro_block_size=1)
+        writer.add_video(f"videos/episode_{k}", torch.from_numpy(np.stack(video)).permute(0, 3, 1, 2)[None], step, fps=8)
+    writer.flush()  # now: an --eval-only run exits right after
 
 
 if __name__ == "__main__":
-    try:
-        args = tyro.cli(Args)
-    except SystemExit as e:  # tyro has printed what is wrong; --help exits with 0
-        fail("invalid command line (see above; --help lists the options)") if e.code else sys.exit(0)
-    ckpt, given = None, flags_given(sys.argv[1:])
+    args = parse_args()
+    ckpt, given, paper = None, flags_given(sys.argv[1:]), {}
     if args.resume:
         extra = ", ".join("--" + name.replace("_", "-") for name in sorted(given - set(RESUME_FLAGS)))
         if extra:
             fail(f"--resume continues the saved run with its own settings: drop {extra} (with --resume only --eval-only, "
-                 "--total-timesteps, --track and --[no-]progress-bar apply)")
+                 "--total-timesteps, --track, --[no-]progress-bar, --capture-video and --video-episodes apply)")
         ckpt = load_checkpoint(args.resume, args.eval_only)
         cli = {k: getattr(args, k) for k in RESUME_FLAGS if k in given or k == "resume"}
         args = Args(**{**ckpt["args"], **cli, "save_model": True})
@@ -822,33 +878,36 @@ if __name__ == "__main__":
     torch.set_num_threads(args.torch_threads or torch.get_num_threads())
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     envs = make_envs(backend, args.map, args.num_envs, args.seed, device)
-    eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed + 10_000, device) if args.eval_interval else None
+    videos = args.video_episodes if args.capture_video and backend == "smax" else 0  # episodes drawn per evaluation
+    replays = os.path.abspath(f"runs/{run_name}/replays")  # where --capture-video saves the real game's replays
+    eval_envs = None
+    if args.eval_interval:
+        eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed + 10_000, device, replays)
     N, E, T, A = envs.n_agents, args.num_envs, args.num_steps, envs.n_actions
     print(f"{run_name}: backend {backend}, {N} agents, {A} actions, sharing {args.sharing}, device {device}")
     actor = AgentNet(N, envs.obs_dim, A, args.hidden_size, args.sharing, recurrent=args.actor == "rnn").to(device)
-    # partial sharing is a setting of the policy networks (E.3, as the authors' runner): the critic is shared
-    critic_sharing = "full" if args.sharing == "partial" else args.sharing
+    critic_sharing = "full" if args.sharing == "partial" else args.sharing  # partial sharing: the actor's (E.3); shared critic
     critic = AgentNet(N, envs.state_dim, 1, args.hidden_size, critic_sharing, out_gain=1.0).to(device)
     opts = [torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5),
             torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)]  # fmt: skip
     value_norm = ValueNorm().to(device)
     if ckpt and args.eval_only:
         actor.load_state_dict(ckpt["actor"])
-        eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed, device)
-        ret, win = evaluate(actor, eval_envs, args.eval_episodes, device)
+        eval_envs = make_envs(backend, args.map, args.eval_episodes, args.seed, device, replays)
+        ret, win, frames = evaluate(actor, eval_envs, args.eval_episodes, device, videos)
+        if args.capture_video:
+            record(eval_envs, frames, args.video_episodes, run_name, ckpt["global_step"], SummaryWriter(f"runs/{run_name}"))
         print(f"eval: win_rate {win:.3f}, episodic_return {ret:.3f} over {args.eval_episodes} episodes")
         sys.exit(0)
-    packages = ("torch", "jax", "jaxmarl", "smac", "smacv2", "numpy", "tyro")
-    versions = {n: metadata.version(n) for n in packages if importable(n)}
+    versions = {n: metadata.version(n) for n in "torch jax jaxmarl smac smacv2 numpy tyro".split() if importable(n)}
     config = {**asdict(args), "backend": backend, "versions": versions,
               "sc2_build": sc2_build() if backend != "smax" else None}  # fmt: skip
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=config,
-                   name=run_name, group=f"{args.map}__{args.exp_name}__{args.sharing}",
-                   tags=[args.exp_name, args.sharing, args.map, backend], save_code=True, resume="allow",
-                   id=run_name)  # fmt: skip
+                   name=run_name, id=run_name, group=f"{args.map}__{args.exp_name}__{args.sharing}", save_code=True,
+                   tags=[args.exp_name, args.sharing, args.map, backend], resume="allow")
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
     ckpt_path = f"runs/{run_name}/checkpoint.pt"
@@ -859,8 +918,8 @@ if __name__ == "__main__":
     nxt = envs.reset(seed=args.seed)
     # the GRU state, and start = 1 where an episode starts
     h, start = torch.zeros(N, E, args.hidden_size, device=device), torch.ones(E, device=device)
+    modules = {"actor": actor, "critic": critic, "actor_opt": opts[0], "critic_opt": opts[1], "value_norm": value_norm}
     if ckpt:
-        modules = {"actor": actor, "critic": critic, "actor_opt": opts[0], "critic_opt": opts[1], "value_norm": value_norm}
         for key, module in modules.items():
             module.load_state_dict(ckpt[key])
         global_step, first_iteration, win_rate, rng = ckpt["global_step"], ckpt["iteration"] + 1, ckpt["win_rate"], ckpt["rng"]
@@ -871,10 +930,9 @@ if __name__ == "__main__":
             h, start = ckpt["h"].to(device), ckpt["start"].to(device)
         torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
         torch.cuda.set_rng_state_all(rng["cuda"]) if rng.get("cuda") and device.type == "cuda" else None
-    progress = None
-    if args.progress_bar:
-        progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True)
-    start_time, start_step = time.time(), global_step
+    progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True,
+                    disable=not args.progress_bar)
+    start_time, start_step, eval_win = time.time(), global_step, float("nan")  # eval_win: the latest evaluation's
 
     for iteration in range(first_iteration, num_iterations + 1):
         t0 = time.time()
@@ -907,19 +965,23 @@ if __name__ == "__main__":
             win_rate = wins.mean().item()
             scalars.update({"charts/episodic_return": rets.mean().item(), "charts/win_rate": win_rate})
         if eval_envs is not None and (iteration % args.eval_interval == 0 or iteration == num_iterations):
-            eval_return, eval_win = evaluate(actor, eval_envs, args.eval_episodes, device)
+            eval_return, eval_win, frames = evaluate(actor, eval_envs, args.eval_episodes, device, videos)
+            if args.capture_video:
+                record(eval_envs, frames, args.video_episodes, run_name, global_step, writer)
             scalars.update({"eval/episodic_return": eval_return, "eval/win_rate": eval_win})
         for k, v in scalars.items():
             writer.add_scalar(k, v, global_step)
-        if progress is not None:
-            progress.update(E * T)
-            progress.set_postfix(SPS=sps, win_rate=f"{win_rate:.2f}", refresh=False)
+        progress.update(E * T)
+        progress.set_postfix(SPS=sps, win_rate=f"{win_rate:.2f}", refresh=False)
+        if iteration == first_iteration + 2 and "total_timesteps" in paper:  # the time of table E.5's budget here
+            speed = E * T / (time.time() - t0)  # this iteration's steps/s, once the first ones have compiled everything
+            tqdm.write(f"at {speed:,.0f} steps/s, the {args.total_timesteps:,} steps of table E.5 take about "
+                       f"{args.total_timesteps / speed / 3600:.1f} h (the progress bar keeps an estimate)")
         if args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == num_iterations):
             torch.save({
                 "args": asdict(args), "run_name": run_name, "iteration": iteration, "global_step": global_step,
                 "win_rate": win_rate, "actor_steps": actor_steps["n"],
-                "actor": actor.state_dict(), "critic": critic.state_dict(),
-                "actor_opt": opts[0].state_dict(), "critic_opt": opts[1].state_dict(), "value_norm": value_norm.state_dict(),
+                **{key: module.state_dict() for key, module in modules.items()},
                 "env_state": envs.get_state(), "next": {k: v.clone() for k, v in nxt.items()}, "h": h, "start": start,
                 "rng": plain({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}),
@@ -931,3 +993,6 @@ if __name__ == "__main__":
             closable.close()
     if args.track:
         wandb.finish()
+    result = f"eval win rate {eval_win:.3f}" if eval_envs is not None else f"training win rate {win_rate:.3f}"
+    print(f"done: {result} at step {global_step:,} after {(time.time() - start_time) / 60:.1f} min; runs/{run_name} "
+          "(to look at it: tensorboard --logdir runs)")

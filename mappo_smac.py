@@ -1,11 +1,14 @@
 """MAPPO (Multi-Agent PPO) on SMAC maps: SMAX (JaxMARL, no StarCraft II needed), SMAC and SMACv2.
 
+Examples:
+  python mappo_smac.py --map 3m --total-timesteps 100000             # a short first run on SMAX
+  python mappo_smac.py --map 6h_vs_8z --sharing none --seed 3        # the paper's setting: table E.5's 20M steps
+
 Paper: Yu et al., "The Surprising Effectiveness of PPO in Cooperative Multi-Agent Games" (MAPPO);
 the actor update of listing B.1 in Feng et al. (FP3O), the baseline of FP3O's experiments.
 One iteration: roll out pi_k -> every agent at once maximises PPO-clip (Schulman et al. 2017,
-eq. 7) on its own ratio r^i and the joint advantage, for `update_epochs` epochs; centralised critic.
-
-Usage: python mappo_smac.py --map 6h_vs_8z --sharing none --seed 3
+eq. 7) on its own ratio r^i and advantage A^i (GAE of the team reward on its own V(s, o^i)), for `update_epochs`
+epochs; centralised critic.
 """
 import contextlib
 import glob
@@ -123,6 +126,14 @@ PAPER_MAP_SETTINGS = {
 RESUME_FLAGS = ("resume", "eval_only", "total_timesteps", "track", "progress_bar", "capture_video", "video_episodes")
 
 
+def parse_args(argv=None) -> Args:
+    """The command line (default: sys.argv) as Args; --help starts with the module docstring. A bad one: one `error:` line."""
+    try:
+        return tyro.cli(Args, args=argv, description=__doc__)
+    except SystemExit as e:  # tyro has printed what is wrong; --help exits with 0
+        fail("invalid command line (see above; --help lists the options)") if e.code else sys.exit(0)
+
+
 def flags_given(argv) -> set:
     """The Args fields that a command line names: `--clip-coef 0.1`, `--clip_coef=0.1`, `--no-progress-bar`."""
     names = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
@@ -196,18 +207,14 @@ def plain(x):
     return torch.from_numpy(x.astype(np.int64 if x.dtype.kind == "u" else x.dtype)) if isinstance(x, np.ndarray) else x
 
 
-# ----------------------------------------------------------------------------------------------
 # Environments. Every backend: reset(seed) -> dict(obs [E,N,O], state [E,N,S], avail [E,N,A], active [E,N]);
 # step(actions [E,N]) -> the same plus reward, terminated, truncated, first [E] (the obs starts an episode: the last one
 # finished, or a crashed game was restarted) and, where an episode finished (`done`), its ep_return, ep_length, ep_won.
 # Dead agents keep `active` 0 and may only take the idle action.
-# ----------------------------------------------------------------------------------------------
 ENV_KEYS = ("obs", "state", "avail", "active", "reward", "terminated", "ep_return", "ep_length", "ep_won")
-SMACV2_RACES = {  # smacv2's published capability configs (configs/sc2_gen_*.yaml)
-    "protoss": (["stalker", "zealot", "colossus"], ["colossus"]),
-    "terran": (["marine", "marauder", "medivac"], ["medivac"]),
-    "zerg": (["zergling", "hydralisk", "baneling"], ["baneling"]),
-}
+SMACV2_RACES = {"protoss": (["stalker", "zealot", "colossus"], ["colossus"]),  # smacv2's configs/sc2_gen_*.yaml
+                "terran": (["marine", "marauder", "medivac"], ["medivac"]),
+                "zerg": (["zergling", "hydralisk", "baneling"], ["baneling"])}
 SMACV2_SIZES = [(5, 5), (10, 10), (10, 11), (20, 20), (20, 23)]
 SMACV2_SCENARIOS = [f"{r}_{a}_vs_{e}" for r in SMACV2_RACES for a, e in SMACV2_SIZES]
 
@@ -218,8 +225,7 @@ def sc2_path() -> Optional[str]:
 
 
 def sc2_build() -> Optional[str]:
-    path = sc2_path()
-    builds = sorted(glob.glob(os.path.join(path, "Versions", "Base*"))) if path else []
+    builds = sorted(glob.glob(os.path.join(path, "Versions", "Base*"))) if (path := sc2_path()) else []
     return os.path.basename(builds[-1])[4:] if builds else None
 
 
@@ -488,10 +494,8 @@ def make_envs(backend: str, map_name: str, num_envs: int, seed: int, device: tor
     return SC2Envs(lambda i: make_sc2_env(backend, map_name, seed + max(i, 0), replay_dir), num_envs, device)
 
 
-# ----------------------------------------------------------------------------------------------
 # Networks: every layer is an AgentLinear with weights [copies, in, out] applied to [N, batch, in]
 # in one batched matmul; copies = 1 shares the layer, copies = N gives each agent its own.
-# ----------------------------------------------------------------------------------------------
 class AgentLinear(nn.Module):
     def __init__(self, copies: int, n_in: int, n_out: int, gain: float = np.sqrt(2)):
         super().__init__()
@@ -591,9 +595,7 @@ class ValueNorm(nn.Module):
         return x * self.stats()[1] + self.stats()[0]
 
 
-# ----------------------------------------------------------------------------------------------
 # Algorithm pieces
-# ----------------------------------------------------------------------------------------------
 def compute_gae(rewards, values, dones, next_value, next_done, gamma, lam):
     """GAE (Schulman et al. 2016). rewards/dones [T, B...] with dones[t] = 1 when the obs at t starts
     a new episode; values [T, B...] de-normalised. Returns (advantages, returns)."""
@@ -673,12 +675,10 @@ def rollout(actor, critic, envs, nxt, h, start, num_steps):
 
 @torch.no_grad()
 def rollout_batch(buf, rewards, critic, value_norm, nxt, start, args):
-    """The update's batch from rollout()'s output: buf's fields, the advantages "adv" (GAE bootstrapped from the critic's
-    value of the next state, cut where `start` begins an episode; every agent's A^i is this joint advantage, standardised
-    per agent over the active samples) and the returns "returns_n", normalised by value_norm once it has taken in those of
-    the active samples."""
+    """The update's batch from rollout(): buf's fields, "adv" (A^i: GAE of the team reward on agent i's de-normalised
+    V(s, o^i), bootstrapped from the next state's, cut where `start` begins an episode, standardised per agent over its
+    active samples) and "returns_n" (normalised after value_norm takes in the active ones)."""
     next_value = critic(nxt["state"].transpose(0, 1)[None])[0][0, ..., 0]
-    # GAE on de-normalised values; every agent sees the team reward and its own V(s, o^i)
     values_d, next_value_d = value_norm.denormalize(buf["values"]), value_norm.denormalize(next_value)
     adv, returns = compute_gae(rewards[:, None], values_d, buf["starts"][:, None], next_value_d, start, args.gamma,
                                args.gae_lambda)
@@ -689,8 +689,7 @@ def rollout_batch(buf, rewards, critic, value_norm, nxt, start, args):
 def mappo_step(actor, critic, opts, b, args, generator=None):
     """MAPPO's update: `update_epochs` epochs of minibatches split over environments; all agents'
     samples in every minibatch; actor and critic both train on every minibatch."""
-    B, per_agent = b["obs"].shape[2], args.sharing == "none"
-    stats = []
+    B, per_agent, stats = b["obs"].shape[2], args.sharing == "none", []
     for _ in range(args.update_epochs):
         mbs = torch.randperm(B, generator=generator).chunk(args.num_minibatches) if args.num_minibatches > 1 else [slice(None)]
         for mb in mbs:  # one minibatch: no gather
@@ -771,13 +770,8 @@ def record(envs, frames, games, run_name, step, writer):
 
 
 if __name__ == "__main__":
-    try:
-        args = tyro.cli(Args)
-    except SystemExit as e:  # tyro has printed what is wrong; end with the usual one-line error
-        if e.code:
-            fail("invalid command line (see above; --help lists the options)")
-        raise
-    ckpt, given = None, flags_given(sys.argv[1:])
+    args = parse_args()
+    ckpt, given, paper = None, flags_given(sys.argv[1:]), {}
     if args.resume:
         extra = ", ".join("--" + name.replace("_", "-") for name in sorted(given - set(RESUME_FLAGS)))
         if extra:
@@ -798,7 +792,6 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.torch_threads or torch.get_num_threads())
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
     envs = make_envs(backend, args.map, args.num_envs, args.seed, device)
     videos = args.video_episodes if args.capture_video and backend == "smax" else 0  # episodes drawn per evaluation
     replays = os.path.abspath(f"runs/{run_name}/replays")  # where --capture-video saves the real game's replays
@@ -808,8 +801,7 @@ if __name__ == "__main__":
     N, E, T, A = envs.n_agents, args.num_envs, args.num_steps, envs.n_actions
     print(f"{run_name}: backend {backend}, {N} agents, {A} actions, sharing {args.sharing}, device {device}")
     actor = AgentNet(N, envs.obs_dim, A, args.hidden_size, args.sharing, recurrent=args.actor == "rnn").to(device)
-    # partial sharing is a setting of the policy networks (E.3, as the authors' runner): the critic is shared
-    critic_sharing = "full" if args.sharing == "partial" else args.sharing
+    critic_sharing = "full" if args.sharing == "partial" else args.sharing  # partial sharing: the actor's (E.3); shared critic
     critic = AgentNet(N, envs.state_dim, 1, args.hidden_size, critic_sharing, out_gain=1.0).to(device)
     opts = [torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5),
             torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=1e-5)]  # fmt: skip
@@ -822,17 +814,15 @@ if __name__ == "__main__":
             record(eval_envs, frames, args.video_episodes, run_name, ckpt["global_step"], SummaryWriter(f"runs/{run_name}"))
         print(f"eval: win_rate {win:.3f}, episodic_return {ret:.3f} over {args.eval_episodes} episodes")
         sys.exit(0)
-    packages = ("torch", "jax", "jaxmarl", "smac", "smacv2", "numpy", "tyro")
-    versions = {n: metadata.version(n) for n in packages if importable(n)}
+    versions = {n: metadata.version(n) for n in "torch jax jaxmarl smac smacv2 numpy tyro".split() if importable(n)}
     config = {**asdict(args), "backend": backend, "versions": versions,
               "sc2_build": sc2_build() if backend != "smax" else None}  # fmt: skip
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=config,
-                   name=run_name, group=f"{args.map}__{args.exp_name}__{args.sharing}",
-                   tags=[args.exp_name, args.sharing, args.map, backend], save_code=True, resume="allow",
-                   id=run_name)  # fmt: skip
+                   name=run_name, id=run_name, group=f"{args.map}__{args.exp_name}__{args.sharing}", save_code=True,
+                   tags=[args.exp_name, args.sharing, args.map, backend], resume="allow")
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
     ckpt_path = f"runs/{run_name}/checkpoint.pt"
@@ -843,8 +833,8 @@ if __name__ == "__main__":
     nxt = envs.reset(seed=args.seed)
     # the GRU state, and start = 1 where an episode starts
     h, start = torch.zeros(N, E, args.hidden_size, device=device), torch.ones(E, device=device)
+    modules = {"actor": actor, "critic": critic, "actor_opt": opts[0], "critic_opt": opts[1], "value_norm": value_norm}
     if ckpt:
-        modules = {"actor": actor, "critic": critic, "actor_opt": opts[0], "critic_opt": opts[1], "value_norm": value_norm}
         for key, module in modules.items():
             module.load_state_dict(ckpt[key])
         global_step, first_iteration, win_rate, rng = ckpt["global_step"], ckpt["iteration"] + 1, ckpt["win_rate"], ckpt["rng"]
@@ -855,10 +845,9 @@ if __name__ == "__main__":
             h, start = ckpt["h"].to(device), ckpt["start"].to(device)
         torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
         torch.cuda.set_rng_state_all(rng["cuda"]) if rng.get("cuda") and device.type == "cuda" else None
-    progress = None
-    if args.progress_bar:
-        progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True)
-    start_time, start_step = time.time(), global_step
+    progress = tqdm(total=num_iterations * E * T, initial=global_step, unit="step", dynamic_ncols=True,
+                    disable=not args.progress_bar)
+    start_time, start_step, eval_win = time.time(), global_step, float("nan")  # eval_win: the latest evaluation's
 
     for iteration in range(first_iteration, num_iterations + 1):
         t0 = time.time()
@@ -897,15 +886,17 @@ if __name__ == "__main__":
             scalars.update({"eval/episodic_return": eval_return, "eval/win_rate": eval_win})
         for k, v in scalars.items():
             writer.add_scalar(k, v, global_step)
-        if progress is not None:
-            progress.update(E * T)
-            progress.set_postfix(SPS=sps, win_rate=f"{win_rate:.2f}", refresh=False)
+        progress.update(E * T)
+        progress.set_postfix(SPS=sps, win_rate=f"{win_rate:.2f}", refresh=False)
+        if iteration == first_iteration + 2 and "total_timesteps" in paper:  # the time of table E.5's budget here
+            speed = E * T / (time.time() - t0)  # this iteration's steps/s, once the first ones have compiled everything
+            tqdm.write(f"at {speed:,.0f} steps/s, the {args.total_timesteps:,} steps of table E.5 take about "
+                       f"{args.total_timesteps / speed / 3600:.1f} h (the progress bar keeps an estimate)")
         if args.save_model and (iteration % args.checkpoint_interval == 0 or iteration == num_iterations):
             torch.save({
                 "args": asdict(args), "run_name": run_name, "iteration": iteration, "global_step": global_step,
                 "win_rate": win_rate, "actor_steps": actor_steps["n"],
-                "actor": actor.state_dict(), "critic": critic.state_dict(),
-                "actor_opt": opts[0].state_dict(), "critic_opt": opts[1].state_dict(), "value_norm": value_norm.state_dict(),
+                **{key: module.state_dict() for key, module in modules.items()},
                 "env_state": envs.get_state(), "next": {k: v.clone() for k, v in nxt.items()}, "h": h, "start": start,
                 "rng": plain({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}),
@@ -917,3 +908,6 @@ if __name__ == "__main__":
             closable.close()
     if args.track:
         wandb.finish()
+    result = f"eval win rate {eval_win:.3f}" if eval_envs is not None else f"training win rate {win_rate:.3f}"
+    print(f"done: {result} at step {global_step:,} after {(time.time() - start_time) / 60:.1f} min; runs/{run_name} "
+          "(to look at it: tensorboard --logdir runs)")

@@ -8,6 +8,7 @@
   `python script args...` would run it (argv, cwd and environment patched for the call), for checks that end before
   anything trains (bad input): no interpreter start and no imports of torch, jax, ... per call.
 - `assert_one_clear_error(proc, mentions)`: what every bad input must give, from a subprocess or from `run_in_process`.
+- `summary_line(proc)`: the line a finished run ends with (its result, steps, minutes, run folder), parsed.
 - `smac_jobs(script, base)`: the short SMAX runs of a SMAC script that the end-to-end tests share (conftest's
   `smac_runs` starts them).
 
@@ -17,6 +18,7 @@ spinning makes the tiny networks several times slower). TEST_SCRIPT_TIMEOUT and 
 run and how many run at once.
 """
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -163,6 +165,19 @@ def assert_one_clear_error(proc: subprocess.CompletedProcess, mentions: Optional
     assert len(lines) <= 10 and all(line.startswith(TYRO_BOX) for line in lines[:-1]), describe(proc)
     if mentions is not None:
         assert mentions in proc.stderr, describe(proc)
+
+
+SUMMARY = re.compile(r"done: (eval|training) (win rate|return) (-?[0-9.]+|nan) at step ([0-9,]+) after [0-9.]+ min; "
+                     r"runs/(\S+) \(to look at it: tensorboard --logdir runs\)")
+
+
+def summary_line(proc: subprocess.CompletedProcess) -> re.Match:
+    """The last line of a finished run: `done: {eval|training} {win rate|return} {value} at step {steps} after {minutes}
+    min; runs/{run} (to look at it: tensorboard --logdir runs)`, as a match with those groups (minutes left out)."""
+    assert proc.returncode == 0, describe(proc)
+    match = SUMMARY.fullmatch(proc.stdout.strip().splitlines()[-1])
+    assert match, describe(proc)
+    return match
 
 
 # ---------------------------------------------------------------------------------------------- short SMAX runs

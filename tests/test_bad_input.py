@@ -47,7 +47,7 @@ def test_settings_that_cannot_train_are_one_error(capfd, script, case):
     assert needle in one_error(capfd, lambda: m.check_args(args))
 
 
-@pytest.mark.parametrize("script", ["mappo_smac", "fp3o_mamujoco", "ippo_mpe"])  # the scripts with --capture-video
+@pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("episodes", [0, 33])
 def test_video_episodes_must_be_positive_and_at_most_the_evaluations_episodes(capfd, script, episodes):
     m = module(script)

@@ -1,6 +1,5 @@
 """--capture-video in the SMAC scripts: SMAX evaluation episodes as mp4 files and TensorBoard videos, the real game's
 StarCraft II replays through the game processes (checked with the stand-in game of test_env.py)."""
-import glob
 import importlib
 import os
 import sys
@@ -10,12 +9,12 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from harness import run_dir, run_script
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from harness import Job, describe, run_dir, run_scripts, summary_line
+from readers import find_checkpoint, load_checkpoint, read_scalars
 from test_env import FakeSC2Env
-from video import assert_watchable
+from video import assert_watchable, tensorboard_videos
 
-SCRIPTS = ["mappo_smac"]  # the SMAC scripts with --capture-video
+SCRIPTS = ["fp3o_smac", "mappo_smac", "happo_smac", "a2po_smac"]
 
 
 @pytest.fixture(params=SCRIPTS)
@@ -66,32 +65,63 @@ def test_the_drawing_shows_units_by_team_and_health(S):
     assert (np.abs(envs.render(0).astype(int) - red).sum(-1) < 30).sum() == 0, "a wounded unit is drawn paler"
 
 
-def test_capture_video_writes_mp4s_and_tensorboard_videos_and_eval_only_renders_a_checkpoint(tmp_path):
-    script = f"{SCRIPTS[0]}.py"
+@pytest.fixture(scope="module")
+def video_runs(tmp_path_factory):
+    """Every script: a 2-iteration run on SMAX 3m evaluating (and drawing 2 episodes) at both iterations, then
+    `--eval-only --capture-video` on its checkpoint, in a folder of its own (its videos and events are the eval's)."""
+    base, jobs = tmp_path_factory.mktemp("videos"), []
     common = ["--map", "3m", "--num-envs", "8", "--num-steps", "25", "--eval-episodes", "3", "--no-progress-bar"]
-    proc = run_script(script, *common, "--total-timesteps", "400", "--eval-interval", "1", "--capture-video",
-                      "--video-episodes", "2", "--save-model", cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = run_dir(tmp_path)
-    videos = sorted(os.path.basename(p) for p in glob.glob(f"{run}/videos/*.mp4"))
+    train = [*common, "--total-timesteps", "400", "--eval-interval", "1", "--capture-video", "--video-episodes", "2"]
+    evaluate = ["--eval-only", "--capture-video", "--video-episodes", "1"]
+    for name in SCRIPTS:
+        resume = lambda name=name: ["--resume", find_checkpoint(base / name / "train"), *evaluate]
+        jobs += [
+            Job(f"{name}/train", f"{name}.py", [*train, "--save-model"], base / name / "train"),
+            Job(f"{name}/eval", f"{name}.py", resume, base / name / "eval", after=[f"{name}/train"]),
+        ]
+    return base, run_scripts(jobs)
+
+
+def videos_and_steps(run) -> tuple:
+    """The mp4 files of a run folder and the steps of its TensorBoard videos videos/episode_{k}."""
+    videos = tensorboard_videos(run)
+    return sorted(p.name for p in (run / "videos").glob("*.mp4")), {t: [s for s, _ in v] for t, v in videos.items()}
+
+
+def first_episode_lengths(name, checkpoint) -> dict:
+    """The lengths of the first episodes of a SMAX 3m evaluation (3 episodes) of the checkpoint's actor, in process."""
+    S, ckpt = importlib.import_module(name), load_checkpoint(checkpoint)
+    envs, args = LengthsOf(S.SmaxEnvs("3m", 3, torch.device("cpu"))), ckpt["args"]
+    actor = S.AgentNet(envs.envs.n_agents, envs.envs.obs_dim, envs.envs.n_actions, args["hidden_size"], args["sharing"],
+                       recurrent=args["actor"] == "rnn")
+    actor.load_state_dict(ckpt["actor"])
+    S.evaluate(actor, envs, 3, torch.device("cpu"))
+    return envs.lengths
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_capture_video_writes_mp4s_and_tensorboard_videos_and_eval_only_renders_a_checkpoint(video_runs, name):
+    base, procs = video_runs
+    train, again = procs[f"{name}/train"], procs[f"{name}/eval"]
+    assert train.returncode == 0 and again.returncode == 0, describe(train) + describe(again)
+    run = run_dir(base / name / "train")
+    videos, steps = videos_and_steps(run)
     assert videos == ["200_0.mp4", "200_1.mp4", "400_0.mp4", "400_1.mp4"], "every evaluation, its first 2 episodes"
-    frames = iio.imread(f"{run}/videos/400_0.mp4")
-    assert_watchable(frames, len(frames))
-    assert len(frames) > 1
-    events = EventAccumulator(str(run), size_guidance={"images": 0})
-    events.Reload()
-    assert {"videos/episode_0", "videos/episode_1"} <= set(events.Tags()["images"])
-    assert [e.step for e in events.Images("videos/episode_0")] == [200, 400]
-    assert "ALSA" not in proc.stderr and "os.fork" not in proc.stderr, "the encoders start quietly"
-    for path in glob.glob(f"{run}/videos/*"):
-        os.remove(path)
-    proc = run_script(script, "--resume", f"{run}/checkpoint.pt", "--eval-only", "--capture-video", "--video-episodes", "1",
-                      cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.path.basename(p) for p in glob.glob(f"{run}/videos/*.mp4")) == ["400_0.mp4"]
-    events = EventAccumulator(str(run), size_guidance={"images": 0})
-    events.Reload()
-    assert [e.step for e in events.Images("videos/episode_0")] == [200, 400, 400], "and the evaluation's TensorBoard video"
+    assert steps == {"videos/episode_0": [200, 400], "videos/episode_1": [200, 400]}
+    lengths = first_episode_lengths(name, run / "checkpoint.pt")  # of the last evaluation, the checkpoint's policy
+    gifs = tensorboard_videos(run)
+    for k in range(2):  # one frame per state the agents act in, in the mp4 and in TensorBoard's GIF
+        first, last = gifs[f"videos/episode_{k}"]
+        assert_watchable(iio.imread(run / "videos" / f"200_{k}.mp4"), first[1])
+        assert_watchable(iio.imread(run / "videos" / f"400_{k}.mp4"), lengths[k])
+        assert last[1] == lengths[k]
+    assert_watchable(iio.imread(base / name / "eval" / "runs" / run.name / "videos" / "400_0.mp4"), lengths[0])
+    assert "ALSA" not in train.stderr and "os.fork" not in train.stderr, "the encoders start quietly"
+    win = read_scalars(run)["eval/win_rate"][-1][1]  # the run's last line sums it up: the final evaluation, steps, ...
+    assert summary_line(train).groups() == ("eval", "win rate", f"{win:.3f}", "400", run.name)
+    assert videos_and_steps(base / name / "eval" / "runs" / run.name) == (["400_0.mp4"], {"videos/episode_0": [400]}), (
+        "--eval-only: its first episode at the checkpoint's step, as mp4 and TensorBoard video"
+    )
 
 
 class ReplayingGame(FakeSC2Env):

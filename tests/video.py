@@ -2,6 +2,7 @@
 
 - `EndingAt(envs, lengths)`: batched envs whose env i ends its first episode after lengths[i] steps.
 - `assert_watchable(frames, length)`: a video of exactly `length` frames, neither blank nor frozen.
+- `tensorboard_videos(run)`: a run's TensorBoard videos, {tag: [(step, frames), ...]}.
 - `assert_videos(proc, run, steps, episodes, length, size)`: a run's mp4 files and TensorBoard videos.
 """
 from pathlib import Path
@@ -38,19 +39,29 @@ def assert_watchable(frames, length: int):
     assert np.abs(frames[0].astype(int) - frames[-1]).mean() > 0.1, "a frozen video"
 
 
+def tensorboard_videos(run: Path) -> dict:
+    """A run's TensorBoard videos (tags videos/...), in the order written: {tag: [(step, the number of frames of its GIF)]}."""
+    import imageio.v3 as iio
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    tags = [tag for tag in events.Tags()["images"] if tag.startswith("videos/")]
+    frames = lambda image: len(iio.imread(image.encoded_image_string, extension=".gif"))
+    return {tag: [(image.step, frames(image)) for image in events.Images(tag)] for tag in tags}
+
+
 def assert_videos(proc, run: Path, steps, episodes: int, length: int, size):
     """A run's --capture-video output: videos/{step}_{k}.mp4 for every evaluation step and its first `episodes` episodes,
     each a watchable video of `length` frames of `size` (H, W); the same as TensorBoard videos; the encoders quiet."""
     import imageio.v3 as iio
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert {p.name for p in (run / "videos").iterdir()} == {f"{s}_{k}.mp4" for s in steps for k in range(episodes)}
     for path in (run / "videos").iterdir():
         frames = iio.imread(path)
         assert frames.shape[1:3] == tuple(size), path
         assert_watchable(frames, length)
-    events = EventAccumulator(str(run), size_guidance={"images": 0})
-    events.Reload()
+    videos = tensorboard_videos(run)
     for k in range(episodes):
-        assert [e.step for e in events.Images(f"videos/episode_{k}")] == list(steps)
+        assert [step for step, _ in videos[f"videos/episode_{k}"]] == list(steps)
     assert "ALSA" not in proc.stderr, "the encoders start quietly"
