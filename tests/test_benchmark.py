@@ -1,6 +1,5 @@
 """Tests of benchmark/: report.py on synthetic TensorBoard logs, sweep.py with a fake script (skip-finished runs,
-records, dry run, Slurm job array), throughput.py with fake scripts (SPS, rollout/update split, memory, ratios),
-watch_smax.py on saved SMAC checkpoints (which script, its actor and weights, the videos)."""
+records, dry run, Slurm job array), throughput.py with fake scripts (SPS, rollout/update split, memory, ratios)."""
 import csv
 import importlib
 import importlib.util
@@ -9,19 +8,13 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
 import pytest
-import torch
 from conftest import ROOT, script_env
-from harness import Job, assert_one_clear_error, describe, run_dir, run_script, run_scripts
-from readers import assert_same_state_dict
+from harness import assert_one_clear_error, describe
 from rliable import metrics
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from video import assert_watchable
 
 
 def load(name):
@@ -720,85 +713,6 @@ def test_a_study_continues_from_its_committed_results_on_a_new_machine(fake, tmp
     first = [r for r in csv.DictReader(open(results / "scalars.csv")) if r["run"] == "fake__2s3z__full__1"]
     again = [r for r in csv.DictReader(open(merged / "scalars.csv")) if r["run"] == "fake__2s3z__full__1"]
     assert first == again and first  # part 1's scalars, seconds included, unchanged
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# watch_smax.py: videos of the saved policies of the SMAC scripts
-# ---------------------------------------------------------------------------------------------------------------------
-watch = load("watch_smax")
-
-
-def save_smac_checkpoint(path, script: str, drop=(), **settings):
-    """A checkpoint as `script --save-model` writes it (the fields watch_smax.py reads), of a fresh actor for SMAX 3m; `drop`:
-    settings left out, as in a checkpoint of an older version. Returns the saved actor weights."""
-    S = importlib.import_module(script)
-    envs = S.SmaxEnvs("3m", 1, torch.device("cpu"))
-    args = {k: v for k, v in asdict(S.Args(map="3m", hidden_size=16, **settings)).items() if k not in drop}
-    actor = S.AgentNet(envs.n_agents, envs.obs_dim, envs.n_actions, 16, args["sharing"], recurrent=args["actor"] == "rnn")
-    torch.save({"args": args, "actor": actor.state_dict(), "run_name": "3m__x__none__1__0", "global_step": 800}, path)
-    return actor.state_dict()
-
-
-@pytest.mark.parametrize("script, settings, drop", [
-    ("fp3o_smac", dict(sharing="none", actor="mlp"), ()), ("happo_smac", dict(sharing="partial"), ()),
-    ("a2po_smac", dict(sharing="full", actor="mlp"), ()), ("mappo_smac", dict(sharing="none"), ()),
-    ("fp3o_smac", dict(sharing="partial"), ("advantage_split", "condition_slack")),
-    ("happo_smac", dict(sharing="full"), ("fixed_order", "torch_threads")),
-])  # fmt: skip
-def test_watch_finds_the_script_of_a_checkpoint_and_builds_its_actor_with_the_saved_weights(tmp_path, script, settings, drop):
-    weights = save_smac_checkpoint(tmp_path / "checkpoint.pt", script, drop, **settings)
-    S, ckpt = watch.load_checkpoint(str(tmp_path / "checkpoint.pt"))
-    assert S.__name__ == script
-    envs = S.SmaxEnvs("3m", 2, torch.device("cpu"))
-    actor = watch.saved_actor(S, ckpt, envs)
-    assert type(actor) is S.AgentNet and (actor.gru is None) == (settings.get("actor") == "mlp")
-    assert_same_state_dict(actor.state_dict(), weights, "the saved actor")
-
-
-def test_watch_refuses_what_it_cannot_render_with_one_line(tmp_path, capfd):
-    save_smac_checkpoint(tmp_path / "real_game.pt", "fp3o_smac", env_backend="smac")
-    save_smac_checkpoint(tmp_path / "smacv2.pt", "a2po_smac", env_backend="smacv2")
-    save_smac_checkpoint(tmp_path / "checkpoint.pt", "happo_smac")
-    (tmp_path / "broken.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes()[:100])
-    cases = [(dict(checkpoint="real_game.pt"), "was trained on the real game"),
-             (dict(checkpoint="smacv2.pt"), "was trained on the real game"),
-             (dict(checkpoint="checkpoint.pt", videos=0), "--videos (0) must lie between 1 and --episodes (32)"),
-             (dict(checkpoint="broken.pt"), "cannot read the checkpoint"), (dict(checkpoint="none.pt"), "no checkpoint at")]
-    for fields, says in cases:
-        fields["checkpoint"] = str(tmp_path / fields["checkpoint"])
-        with pytest.raises(SystemExit) as e:
-            watch.main(watch.Args(**fields))
-        err = capfd.readouterr().err
-        assert e.value.code == 2 and err.startswith("error: ") and says in err and err.count("\n") == 1, err
-
-
-def test_watch_renders_a_saved_fp3o_policy_as_the_script_evaluates_it(tmp_path):
-    """A short fp3o_smac.py run's checkpoint, its actor made to charge (move east, attack) so that it scores; watch_smax.py
-    plays it as `fp3o_smac.py --resume ... --eval-only` does (the same win rate and return) and writes its videos."""
-    common = ["--map", "3m", "--num-envs", "8", "--num-steps", "25", "--eval-episodes", "3", "--no-progress-bar"]
-    proc = run_script("fp3o_smac.py", *common, "--total-timesteps", "400", "--eval-interval", "0", "--save-model", cwd=tmp_path)
-    assert proc.returncode == 0, describe(proc)
-    run = run_dir(tmp_path)
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
-    ckpt["actor"]["head.bias"][..., 1] += 5.0  # east, where the enemies are in 3m
-    ckpt["actor"]["head.bias"][..., 5:] += 10.0  # attack whenever an enemy is in range
-    torch.save(ckpt, run / "checkpoint.pt")
-    jobs = [Job("eval", "fp3o_smac.py", ["--resume", run / "checkpoint.pt", "--eval-only"], tmp_path),
-            Job("watch", "benchmark/watch_smax.py", [run / "checkpoint.pt", "--videos", "2"], tmp_path)]  # fmt: skip
-    done = run_scripts(jobs)
-    results = {}
-    for name, proc in done.items():
-        assert proc.returncode == 0 and "Traceback" not in proc.stderr, describe(proc)
-        results[name] = re.search(r"win_rate (\S+), episodic_return (\S+) over 3 episodes", proc.stdout).groups()
-    assert results["watch"] == results["eval"] and float(results["eval"][1]) > 0, "the saved policy, played the same way"
-    assert "Importing" not in done["watch"].stdout, "jaxmarl imported quietly"
-    assert sorted(p.name for p in (run / "videos").iterdir()) == ["400_0.mp4", "400_1.mp4"]
-    for k in range(2):
-        frames = iio.imread(run / "videos" / f"400_{k}.mp4")
-        assert_watchable(frames, len(frames))
-    events = EventAccumulator(str(run), size_guidance={"images": 0})
-    events.Reload()
-    assert [e.step for e in events.Images("videos/episode_1")] == [400]
 
 
 def test_report_per_seed_curves_keep_every_seed_apart(synthetic, tmp_path):
