@@ -4,12 +4,12 @@ Examples:
   python fp3o_mamujoco.py --scenario HalfCheetah --agent-conf 6x1 --total-timesteps 20000            # a short first run
   python fp3o_mamujoco.py --scenario HalfCheetah --agent-conf 6x1 --sharing partial --seed 1  # the paper's 10M steps
 
-Paper: Feng et al., "Full-Pipeline Paradigm for Cooperative Multi-Agent PPO" (FP3O), section 3.4,
-Algorithm 1, listing B.3; double clip eq. D.10; advantage split F.4; InStep-only ablation F.5;
-MaMuJoCo hyperparameters tables E.2 and E.3. One iteration: roll out pi_k -> independent step (every
-agent, PPO-clip) -> intermediate policy pi_{k+0.5} -> condition (Alg. 1 line 7) -> dependent step
-along the cyclic-shift pipelines. gymnasium-robotics' MaMuJoCo is built on the v5 MuJoCo tasks: its
-returns are not comparable with those of the mujoco-py MaMuJoCo used in the paper.
+Paper: Feng et al., "FP3O: Enabling Proximal Policy Optimization in Multi-Agent Cooperation with Parameter-Sharing
+Versatility", section 3.4, Algorithm 1, listing B.3; double clip eq. D.10; advantage split F.4; InStep-only ablation
+F.5; MaMuJoCo hyperparameters tables E.2 and E.3. One iteration: roll out pi_k -> independent step (every agent,
+PPO-clip) -> intermediate policy pi_{k+0.5} -> condition (Alg. 1 line 7) -> dependent step along the cyclic-shift
+pipelines. gymnasium-robotics' MaMuJoCo is built on the v5 MuJoCo tasks: its returns are not comparable with those of
+the mujoco-py MaMuJoCo used in the paper.
 """
 import contextlib
 import fcntl
