@@ -672,6 +672,18 @@ def test_recipe_smax_6h_vs_8z_study():
     assert len(recipe_commands("smax_6h_vs_8z_study.sh", env={"SEEDS": "1 2 3 4 5"})) == 8 * 5
 
 
+@pytest.mark.parametrize("recipe, results", [("smax_3s5z_study.sh", "smax_3s5z"), ("smax_6h_vs_8z_study.sh", "smax_6h_vs_8z")])
+def test_a_study_recipe_continues_from_its_committed_runs_in_an_empty_sweep_folder(recipe, results, tmp_path):
+    """A fresh clone has no sweep folder: the runs that the committed runs.csv lists as finished are skipped ([done]),
+    every other run of the recipe is to run."""
+    finished = {r["run"] for r in csv.DictReader(open(ROOT / "benchmark" / "results" / results / "runs.csv"))
+                if r["status"] == "0"}
+    assert finished  # the studies have committed runs
+    runs = recipe_commands(recipe, env={"OUT": str(tmp_path / "sweep")})
+    done = {re.search(r"/([\w-]+__\w+__\w+__\d+) ", c).group(1) for c in runs if c.startswith("[done]")}
+    assert done == finished and len(runs) > len(done)
+
+
 def test_recipe_table1_mamujoco_tasks():
     if not (ROOT / "fp3o_mamujoco.py").exists():
         pytest.skip("fp3o_mamujoco.py is not in this checkout")
@@ -690,6 +702,10 @@ def test_a_study_continues_from_its_committed_results_on_a_new_machine(fake, tmp
     assert proc.returncode == 0, describe(proc)
     results = tmp_path / "results"
     report.main(report.Args(sweeps=[str(tmp_path / "sweep1")], out_dir=str(results), bootstrap_reps=50))
+    for row in csv.DictReader(open(results / "runs.csv")):  # as typed from a checkout, not this machine's paths
+        assert row["command"].startswith(f"python {fake.name} --map 2s3z --sharing full --seed "), row
+        assert row["logdir"].startswith(f"benchmark/sweeps/sweep1/{row['run']}/runs/2s3z__"), row
+    assert "`python benchmark/report.py benchmark/sweeps/sweep1`" in (results / "table.md").read_text()
     step_seconds = {(r["run"], r["tag"]): r["seconds"] for r in csv.DictReader(open(results / "scalars.csv"))}
     assert all(s != "" for s in step_seconds.values())  # the wall-clock seconds travel with the compact results
 
