@@ -114,6 +114,9 @@ def test_rollout_fills_the_buffer_from_where_the_last_one_stopped(glue):
         assert {k: v.shape for k, v in r.buf.items()} == dict(
             obs=(T, N, E, obs), state=(T, N, E, state), avail=(T, N, E, actions), actions=(T, N, E), logp=(T, N, E),
             values=(T, N, E), active=(T, N, E), starts=(T, E), h0=(N, E, HIDDEN))
+        # actions are indices, avail a mask, the rest float32
+        assert {k: v.dtype for k, v in r.buf.items()} == {**dict.fromkeys(r.buf, torch.float32), "actions": torch.long,
+                                                          "avail": torch.bool}
     assert (second.start_in == 0).any() and second.h_in.abs().sum() > 0
     # the buffer's first step is the observation, h and start it was handed; the second continues the first
     assert torch.equal(first.buf["starts"][0], torch.ones(E)) and torch.equal(first.buf["h0"], torch.zeros(N, E, HIDDEN))
