@@ -28,6 +28,7 @@ import glob
 import importlib.util
 import os
 import platform
+import re
 import shlex
 import signal
 import subprocess
@@ -160,7 +161,7 @@ def install(args) -> list:
 def device_tests(args, seconds: float) -> list:
     if not args.tests:
         return ["Left out (--tests '')."]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", args.tests]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "-o", "addopts=", args.tests]  # no xdist
     env = child_env(args, TEST_SCRIPT_JOBS=str(min(6, os.cpu_count() or 1)), TEST_SCRIPT_TIMEOUT=str(int(max(seconds, 1))))
     start = time.time()
     try:
@@ -168,7 +169,9 @@ def device_tests(args, seconds: float) -> list:
         out, status = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         out, status = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
-    summary = [x for x in out.strip().splitlines() if x.strip()][-1:] or ["no output"]
+    # pytest's result line ("1 passed, 1 skipped in 2s"), not a warning printed after it (stderr comes last)
+    results = [x for x in out.splitlines() if re.search(r"\d+ (passed|failed|skipped|errors?)\b|no tests ran", x)]
+    summary = (results or [x for x in out.strip().splitlines() if x.strip()])[-1:] or ["no output"]
     lines = [f"`python -m pytest -q {args.tests}` ({time.time() - start:.0f} s of {seconds:.0f}): "
              f"{'stopped at its time limit' if status == 'timeout' else summary[0].strip('= ')}"]
     details = [x for x in out.splitlines() if x.startswith(("FAILED", "ERROR", "SKIPPED"))]
